@@ -1,0 +1,109 @@
+"""The base config: every field `lm` reads, each with its meaning and default.
+
+Other configs start from `get_config()` here and change what they need. Any field can
+be overridden on the command line:
+
+    python -m lm.main --config=configs/default.py --config.optimizer.lr=1e-3 --workdir=runs/x
+
+The returned ConfigDict is locked: a misspelt key is an error that names close matches.
+"""
+
+import ml_collections
+
+from configs import data
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    del arg
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # seeds parameter init, data order and dropout-free rng streams
+    c.objective = "pretrain"  # which lm/objectives/<name>.py builds the loss
+
+    # -- model (lm/model.py: ModelConfig) ----------------------------------------------------------
+    m = c.model = ml_collections.ConfigDict()
+    m.vocab_size = ml_collections.FieldReference(None, field_type=int)  # None: the tokenizer's size
+    m.d_model = 256  # residual stream width
+    m.num_layers = 4  # Transformer blocks
+    m.num_heads = 4  # query heads
+    m.num_kv_heads = 4  # key/value heads (grouped-query attention when < num_heads)
+    m.head_dim = ml_collections.FieldReference(None, field_type=int)  # None: d_model // num_heads
+    m.mlp_dim = 768  # SwiGLU hidden width
+    m.rope_theta = 10_000.0  # rotary embedding base
+    m.norm_eps = 1e-6  # RMSNorm epsilon
+    m.tie_embeddings = True  # output projection = token embedding transposed
+    m.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16' (parameters stay float32)
+    m.remat = False  # recompute block activations in the backward pass (saves memory)
+    m.init_scale = 1.0  # multiplies every initial standard deviation
+
+    # -- loss (lm/losses.py) -----------------------------------------------------------------------
+    loss = c.loss = ml_collections.ConfigDict()
+    loss.kind = "explicit"  # 'explicit': logits then cross_entropy; 'fused': fused_cross_entropy
+    loss.chunk_size = 1024  # tokens per chunk of the fused loss
+    loss.z_loss = 0.0  # coefficient of logsumexp² added per token
+    loss.label_smoothing = 0.0  # mass moved to the uniform distribution
+
+    # -- optimizer (lm/optim.py) -------------------------------------------------------------------
+    o = c.optimizer = ml_collections.ConfigDict()
+    o.lr = 3e-3  # peak learning rate after warmup
+    o.warmup_steps = 50  # linear warmup from 0
+    o.decay_steps = ml_collections.FieldReference(None, field_type=int)  # cosine length; None: train.steps
+    o.min_lr_ratio = 0.1  # final lr = min_lr_ratio · lr
+    o.b1 = 0.9  # Adam β1
+    o.b2 = 0.95  # Adam β2
+    o.eps = 1e-8  # Adam ε
+    o.weight_decay = 0.1  # decoupled (AdamW) weight decay
+    o.decay_norms_and_biases = False  # apply weight decay to 1-D parameters (norm scales) too
+    o.grad_clip = 1.0  # global-norm clipping threshold; 0 turns it off
+
+    # -- training loop (lm/train.py) ---------------------------------------------------------------
+    t = c.train = ml_collections.ConfigDict()
+    t.steps = 1000  # optimizer steps
+    t.batch_size = 32  # global batch, rows of seq_len tokens, summed over all devices
+    t.seq_len = 128  # tokens per row (T)
+    t.micro_batches = 1  # gradient accumulation: the batch is split into this many pieces
+    t.log_every = 10  # steps between metrics lines
+    t.eval_every = 200  # steps between validation passes; 0: only at the end
+    t.eval_batches = 8  # validation batches per pass
+    t.checkpoint_every = 500  # steps between checkpoints; 0: only at the end
+    t.keep_checkpoints = 2  # how many recent checkpoints to keep
+    t.peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0: measure once with a matmul at start
+    t.progress_bar = True  # tqdm bar with step, loss, tokens/s and ETA
+    t.max_bad_steps = 10  # consecutive non-finite steps (skipped) before the run stops
+
+    # -- device mesh (lm/sharding.py) --------------------------------------------------------------
+    mesh = c.mesh = ml_collections.ConfigDict()
+    mesh.data = -1  # data-parallel axis size; -1: the devices left over
+    mesh.fsdp = 1  # parameter/optimizer-state sharding axis (ZeRO-3 style)
+    mesh.tensor = 1  # tensor-parallel axis (heads, MLP width, vocabulary)
+    # logical parameter axis -> mesh axis (or None: replicated). See lm/sharding.py.
+    mesh.rules = ml_collections.ConfigDict({
+        "vocab": "tensor", "embed": "fsdp", "heads": "tensor", "kv_heads": "tensor",
+        "head_dim": None, "mlp": "tensor", "layers": None})
+
+    # -- multi-process start-up (lm/distributed.py) -------------------------------------------------
+    dc = c.distributed = ml_collections.ConfigDict()
+    dc.auto = False  # Cloud TPU: let jax.distributed.initialize() find everything itself
+    dc.coordinator_address = ml_collections.FieldReference(None, field_type=str)  # 'host:port' of process 0
+    dc.num_processes = ml_collections.FieldReference(None, field_type=int)  # processes in the job
+    dc.process_id = ml_collections.FieldReference(None, field_type=int)  # this process's index
+    dc.heartbeat_timeout_s = 60  # a peer silent this long ends the job with an error
+
+    # -- data (lm/data; every field documented in configs/data.py) ------------------------------------
+    c.data = data.data_config()
+
+    # -- metrics sinks -----------------------------------------------------------------------------
+    w = c.wandb = ml_collections.ConfigDict()
+    w.mode = "disabled"  # 'disabled', 'offline' or 'online'
+    w.project = "lm"  # wandb project
+    w.name = ml_collections.FieldReference(None, field_type=str)  # run name; None: the workdir's name
+
+    # -- samples printed at the end of a run ---------------------------------------------------------
+    s = c.sample = ml_collections.ConfigDict()
+    s.num_samples = 3  # how many; 0 turns sampling off
+    s.max_new_tokens = 96  # tokens generated per sample
+    s.prompt = ""  # text every sample starts from ("" : a one-token prompt, see lm/main.py)
+    s.temperature = 0.0  # 0: greedy
+    s.top_k = 0  # 0: off
+    s.top_p = 1.0  # 1: off
+
+    return c

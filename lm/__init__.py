@@ -1,0 +1,1 @@
+"""lm: language models trained by maximum likelihood, in JAX."""

@@ -1,0 +1,87 @@
+"""The command line: read an ml_collections config, train, evaluate, report.
+
+    python -m lm.main --config=configs/default.py --workdir=runs/default
+    python -m lm.main --config=configs/default.py:tiny --config.optimizer.lr=1e-3 --workdir=/tmp/x
+
+The run directory receives config.json, metrics.jsonl, summary.json, loss.png and
+checkpoints/. Running again with the same --workdir resumes from its newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import jax
+import ml_collections
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Experiment config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created if missing; resumed if it "
+                               "holds a checkpoint). Default: runs/<config name>.")
+
+
+def build_model_config(config: ml_collections.ConfigDict, vocab_size: int):
+    from lm.model import ModelConfig
+
+    fields = dict(config.model)
+    fields["vocab_size"] = fields.get("vocab_size") or vocab_size
+    return ModelConfig(**fields)
+
+
+def train_and_report(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Train `config` in `workdir`; write summary.json and loss.png; print samples. Returns the summary."""
+    from lm import checkpoint as ckpt
+    from lm import data, loop, objectives
+    from lm import report
+
+    tokenizer = data.build_tokenizer(config.data)
+    model_cfg = build_model_config(config, tokenizer.vocab_size)
+    if model_cfg.vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
+                         f"{tokenizer.vocab_size}")
+    objective = objectives.get(config.objective)
+    tc = config.train
+    process_batch = tc.batch_size // jax.process_count()
+    common = dict(batch_size=process_batch, seq_len=tc.seq_len, seed=config.seed,
+                  process_index=jax.process_index(), process_count=jax.process_count(), tokenizer=tokenizer)
+    train_iter = data.build_iterator(config.data, split="train", **common)
+    valid_batches = lambda: data.build_iterator(config.data, split="valid", **common)  # noqa: E731
+    if jax.process_index() == 0:
+        ckpt.write_config(workdir, config)
+        if hasattr(tokenizer, "save_metadata"):
+            tokenizer.save_metadata(workdir)
+    result = loop.run(config, workdir, model_cfg=model_cfg,
+                      make_loss_fn=lambda graphdef: objective.make_loss_fn(config, graphdef),
+                      train_iter=train_iter, valid_batches=valid_batches)
+    info = data.source_info(config.data, seq_len=tc.seq_len)
+    summary = report.summarize(config, model_cfg, result, info)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        report.plot_loss(workdir, summary.get("bayes_optimal_ce"))
+        report.print_summary(summary)
+        if config.sample.num_samples:
+            report.print_samples(config, result, tokenizer, valid_batches)
+    return summary
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = _CONFIG.value
+    workdir = _WORKDIR.value or os.path.join("runs", os.path.splitext(os.path.basename(
+        flags.FLAGS["config"].config_filename))[0])
+    from lm import distributed
+
+    distributed.maybe_initialize(config)
+    train_and_report(config, workdir)
+
+
+if __name__ == "__main__":
+    jax.config.parse_flags_with_absl()
+    sys.exit(app.run(main))

@@ -1,0 +1,90 @@
+"""Where metrics go: metrics.jsonl in the run directory, wandb (optional), a progress bar.
+
+Only process 0 writes. `metrics.jsonl` holds one JSON object per logged step
+(`step` first); on resume, lines at or after the restored step are dropped first,
+so the file never holds a step twice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+
+def measure_peak_flops(n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of one device on a jitted float32 [n, n] @ [n, n] matmul (best of `repeats`)."""
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n**3 / best
+
+
+class MetricsWriter:
+    """Appends metrics to `<workdir>/metrics.jsonl` and, if enabled, to wandb."""
+
+    def __init__(self, workdir: str, *, wandb_cfg: Any = None, config: Any = None, resume_step: int = 0):
+        self.enabled = jax.process_index() == 0
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.wandb = None
+        if not self.enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        truncate_after(self.path, resume_step)
+        self.file = open(self.path, "a")
+        if wandb_cfg is not None and wandb_cfg.mode != "disabled":
+            import wandb
+
+            self.wandb = wandb.init(project=wandb_cfg.project, name=wandb_cfg.name or os.path.basename(
+                os.path.abspath(workdir)), mode=wandb_cfg.mode, dir=workdir, resume="allow",
+                config=config.to_dict() if config is not None else None)
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log(row, step=int(step))
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            if self.wandb is not None:
+                self.wandb.finish()
+
+
+def _plain(v: Any) -> Any:
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no NaN/Inf; keep them visible as strings
+    return v
+
+
+def truncate_after(path: str, step: int) -> None:
+    """Drop lines of a metrics file whose step is > `step` (they are about to be redone)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(kept) != len(lines):
+        with open(path, "w") as f:
+            f.writelines(kept)
+
+
+def read_metrics(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,319 @@
+"""A decoder-only Transformer in Flax NNX.
+
+Token embedding → N pre-norm blocks (RMSNorm → grouped-query attention with rotary
+position embeddings → residual; RMSNorm → SwiGLU MLP → residual) → final RMSNorm →
+output projection (tied to the embedding or separate).
+
+The model follows the batch contract of DESIGN.md: it is given `inputs`,
+`positions` and `segment_ids` explicitly and never derives a mask or a position
+from token values. Attention is causal within a segment; segment 0 is padding and
+attends to nothing real. The blocks are stacked along a leading `layers` axis and
+applied with `lax.scan`, so compile time does not grow with depth.
+
+Every parameter carries `logical_axes` metadata (`vocab`, `embed`, `heads`,
+`kv_heads`, `head_dim`, `mlp`, `layers`); `lm.sharding` maps these names onto mesh
+axes, so this file knows nothing about meshes.
+
+After `graphdef, params = nnx.split(model)`, `nnx.merge(graphdef, params)` inside a
+jitted function gives a pure forward pass over a plain dict of arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lm import masking
+
+Array = jax.Array
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of the Transformer (mirrors `config.model`; see configs/base.py)."""
+
+    vocab_size: int
+    d_model: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    head_dim: int | None = None  # None: d_model // num_heads
+    mlp_dim: int = 768
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = True
+    dtype: str = "float32"  # compute dtype; parameters are always float32
+    remat: bool = False  # recompute each block's activations in the backward pass
+    init_scale: float = 1.0  # multiplies every initial standard deviation
+
+    def __post_init__(self):
+        problems = []
+        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "mlp_dim"):
+            if getattr(self, name) is None or getattr(self, name) < 1:
+                problems.append(f"model.{name} must be a positive integer, got {getattr(self, name)}")
+        if not problems:
+            if self.head_dim is None and self.d_model % self.num_heads:
+                problems.append(
+                    f"model.num_heads={self.num_heads} does not divide model.d_model={self.d_model}; "
+                    "change one or set model.head_dim")
+            if self.num_heads % self.num_kv_heads:
+                problems.append(
+                    f"model.num_kv_heads={self.num_kv_heads} must divide model.num_heads={self.num_heads}")
+            if self.head_dim_ % 2:
+                problems.append(f"head dim {self.head_dim_} must be even for rotary embeddings")
+        if self.dtype not in _DTYPES:
+            problems.append(f"model.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def head_dim_(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.d_model // self.num_heads
+
+    @property
+    def compute_dtype(self):
+        return _DTYPES[self.dtype]
+
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, axes: tuple[str, ...]) -> nnx.Param:
+    value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
+    return nnx.Param(value, logical_axes=axes)
+
+
+class RMSNorm(nnx.Module):
+    """y = x / sqrt(mean(x²) + eps) · scale, computed in float32."""
+
+    def __init__(self, dim: int, eps: float):
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), logical_axes=("embed",))
+        self.eps = eps
+
+    def __call__(self, x: Array) -> Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...]).astype(x.dtype)
+
+
+def rotary(x: Array, positions: Array, theta: float) -> Array:
+    """Rotate pairs (x_i, x_{i+d/2}) of `x [B, T, H, d]` by angle positions · theta^(−2i/d)."""
+    half = x.shape[-1] // 2
+    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [d/2]
+    angle = positions.astype(jnp.float32)[..., None, None] * inv_freq  # [B, T, 1, d/2]
+    sin, cos = jnp.sin(angle), jnp.cos(angle)
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Multi-head attention with `num_kv_heads` key/value heads shared by groups of query heads."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, h, kv, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim_
+        std = cfg.init_scale / math.sqrt(d)
+        out_std = cfg.init_scale / math.sqrt(h * hd) / math.sqrt(2 * cfg.num_layers)
+        self.wq = _param(rngs, (d, h, hd), std, ("embed", "heads", "head_dim"))
+        self.wk = _param(rngs, (d, kv, hd), std, ("embed", "kv_heads", "head_dim"))
+        self.wv = _param(rngs, (d, kv, hd), std, ("embed", "kv_heads", "head_dim"))
+        self.wo = _param(rngs, (h, hd, d), out_std, ("heads", "head_dim", "embed"))
+        self.cfg = cfg
+
+    def __call__(self, x, positions, q_segment_ids, q_index, kv_cache=None, kv_segment_ids=None,
+                 cache_index=None):
+        """x [B, T, D] → ([B, T, D], updated (k, v) cache or None).
+
+        Without a cache, queries attend to the same T tokens. With `kv_cache = (k, v)`,
+        each `[B, S, K, hd]`, the T new keys/values are written at slots
+        `cache_index .. cache_index+T−1` and the queries attend to all S slots, masked by
+        `kv_segment_ids [B, S]` (0 = empty) and causality over slot indices.
+        """
+        cfg, dt = self.cfg, self.cfg.compute_dtype
+        b, t, _ = x.shape
+        q = jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dt))
+        k = jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(dt))
+        v = jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(dt))
+        q = rotary(q, positions, cfg.rope_theta)
+        k = rotary(k, positions, cfg.rope_theta)
+        new_cache = None
+        if kv_cache is None:
+            kv_index, kv_segment_ids = q_index, q_segment_ids
+        else:
+            ck, cv = kv_cache
+            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0))
+            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
+            new_cache = (ck, cv)
+            k, v = ck.astype(dt), cv.astype(dt)
+            kv_index = jnp.arange(k.shape[1], dtype=jnp.int32)[None, :]
+        mask = masking.attention_mask(q_segment_ids, kv_segment_ids, q_index, kv_index)  # [B, T, S]
+        groups = cfg.num_heads // cfg.num_kv_heads
+        q = q.reshape(b, t, cfg.num_kv_heads, groups, cfg.head_dim_)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+        scores = scores / math.sqrt(cfg.head_dim_)
+        scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, cfg.num_heads, cfg.head_dim_)
+        return jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dt)), new_cache
+
+
+class MLP(nnx.Module):
+    """SwiGLU: (silu(x W_gate) ⊙ x W_up) W_down."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, f = cfg.d_model, cfg.mlp_dim
+        self.w_gate = _param(rngs, (d, f), cfg.init_scale / math.sqrt(d), ("embed", "mlp"))
+        self.w_up = _param(rngs, (d, f), cfg.init_scale / math.sqrt(d), ("embed", "mlp"))
+        out_std = cfg.init_scale / math.sqrt(f) / math.sqrt(2 * cfg.num_layers)
+        self.w_down = _param(rngs, (f, d), out_std, ("mlp", "embed"))
+        self.dtype = cfg.compute_dtype
+
+    def __call__(self, x: Array) -> Array:
+        dt = self.dtype
+        gate = jax.nn.silu(x @ self.w_gate[...].astype(dt))
+        return (gate * (x @ self.w_up[...].astype(dt))) @ self.w_down[...].astype(dt)
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(·))."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x, positions, segment_ids, q_index, kv_cache=None, kv_segment_ids=None,
+                 cache_index=None):
+        attn_out, new_cache = self.attn(self.attn_norm(x), positions, segment_ids, q_index,
+                                        kv_cache, kv_segment_ids, cache_index)
+        x = x + attn_out
+        return x + self.mlp(self.mlp_norm(x)), new_cache
+
+
+class Transformer(nnx.Module):
+    """The whole decoder. Parameters are float32; compute runs in `cfg.dtype`."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), cfg.init_scale / math.sqrt(cfg.d_model),
+                            ("vocab", "embed"))
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_blocks(rngs):
+            return Block(cfg, rngs=rngs)
+
+        self.blocks = make_blocks(rngs)
+        for _, var in nnx.iter_graph(self.blocks):  # the vmap added a leading layer axis
+            if isinstance(var, nnx.Param):
+                var.set_metadata(logical_axes=("layers",) + var.get_metadata()["logical_axes"])
+        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        if not cfg.tie_embeddings:
+            self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), cfg.init_scale / math.sqrt(cfg.d_model),
+                                  ("embed", "vocab"))
+
+    # -- the forward pass ---------------------------------------------------------------------------
+
+    def _run_blocks(self, x, positions, segment_ids, q_index, cache=None, cache_index=None):
+        graphdef, stacked = nnx.split(self.blocks)
+        kv_segment_ids = None if cache is None else cache["segment_ids"]
+
+        def body(h, layer):
+            params, layer_cache = layer
+            block = nnx.merge(graphdef, params)
+            h, new_layer_cache = block(h, positions, segment_ids, q_index, layer_cache, kv_segment_ids,
+                                       cache_index)
+            return h, new_layer_cache
+
+        if self.cfg.remat:
+            body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+        layer_caches = None if cache is None else (cache["k"], cache["v"])
+        x, new_caches = jax.lax.scan(body, x, (stacked, layer_caches))
+        return x, new_caches
+
+    def hidden_states(self, inputs: Array, positions: Array, segment_ids: Array) -> Array:
+        """inputs, positions, segment_ids [B, T] int32 → final-normed hidden states [B, T, D]."""
+        x = jnp.take(self.embed[...], inputs, axis=0).astype(self.cfg.compute_dtype)
+        q_index = jnp.arange(inputs.shape[1], dtype=jnp.int32)[None, :]
+        x, _ = self._run_blocks(x, positions, segment_ids, q_index)
+        return self.final_norm(x)
+
+    def output_kernel(self) -> tuple[Array, str]:
+        """The output projection and its layout: ([V, D], 'vd') when tied, ([D, V], 'dv') otherwise."""
+        if self.cfg.tie_embeddings:
+            return self.embed[...], "vd"
+        return self.lm_head[...], "dv"
+
+    def logits_from_hidden(self, hidden: Array) -> Array:
+        """hidden [..., D] → logits [..., V] in the compute dtype."""
+        kernel, layout = self.output_kernel()
+        kernel = kernel.astype(hidden.dtype)
+        return hidden @ (kernel.T if layout == "vd" else kernel)
+
+    def __call__(self, inputs: Array, positions: Array, segment_ids: Array) -> Array:
+        """inputs, positions, segment_ids [B, T] → logits [B, T, V]."""
+        return self.logits_from_hidden(self.hidden_states(inputs, positions, segment_ids))
+
+    # -- decoding with a key/value cache --------------------------------------------------------
+
+    def init_cache(self, batch_size: int, max_len: int) -> dict[str, Array]:
+        """An empty cache: k, v [L, B, S, K, hd] in the compute dtype and segment_ids [B, S] (0 = empty)."""
+        cfg = self.cfg
+        shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim_)
+        return {
+            "k": jnp.zeros(shape, cfg.compute_dtype),
+            "v": jnp.zeros(shape, cfg.compute_dtype),
+            "segment_ids": jnp.zeros((batch_size, max_len), jnp.int32),
+        }
+
+    def decode(self, inputs: Array, positions: Array, segment_ids: Array, cache: dict[str, Array],
+               cache_index: Array) -> tuple[Array, dict[str, Array]]:
+        """Run T new tokens against the cache, writing them at slots cache_index .. cache_index+T−1.
+
+        inputs, positions, segment_ids: [B, T] (segment_ids 0 marks a padding token that no
+        later token may attend to). cache_index: scalar int32, the same slot for every row.
+        Returns (logits [B, T, V], updated cache). Uses the same attention code as training.
+        """
+        t = inputs.shape[1]
+        kv_segment_ids = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids.astype(jnp.int32),
+                                                      (0, cache_index))
+        cache = dict(cache, segment_ids=kv_segment_ids)
+        x = jnp.take(self.embed[...], inputs, axis=0).astype(self.cfg.compute_dtype)
+        q_index = (cache_index + jnp.arange(t, dtype=jnp.int32))[None, :]
+        x, (k, v) = self._run_blocks(x, positions, segment_ids, q_index, cache, cache_index)
+        logits = self.logits_from_hidden(self.final_norm(x))
+        return logits, {"k": k, "v": v, "segment_ids": kv_segment_ids}
+
+
+# -- counting -------------------------------------------------------------------------------------
+
+
+def param_count(params: Any) -> int:
+    """Total number of parameters in a pytree of arrays (or ShapeDtypeStructs)."""
+    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+    """Parameters that take part in a matmul per token: all but the embedding lookup, plus the
+    output projection (which is the embedding itself when tied)."""
+    d, hd, layers = cfg.d_model, cfg.head_dim_, cfg.num_layers
+    attn = d * hd * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+    mlp = 3 * d * cfg.mlp_dim
+    return layers * (attn + mlp) + d * cfg.vocab_size
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
+    """Training FLOPs per token (forward + backward = 3 × forward, 2 FLOPs per multiply-add).
+
+    `model`: 6 · matmul_params, the usual 6N. `attention`: 12 · L · T · H · hd for the
+    score and value products (full T×T, as in the PaLM accounting; causal masking would
+    halve the useful part). `total` is their sum.
+    """
+    model = 6.0 * matmul_params(cfg)
+    attention = 12.0 * cfg.num_layers * seq_len * cfg.num_heads * cfg.head_dim_
+    return {"model": model, "attention": attention, "total": model + attention}

@@ -1,0 +1,101 @@
+"""The end of a run: summary.json, the loss-curve PNG, a printed verdict and a few samples."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from lm import metrics as mx
+
+
+def summarize(config: Any, model_cfg: Any, result: Any, source_info: dict) -> dict:
+    """Final metrics of a run. For a source with known entropy, also the Bayes-optimal CE and
+    the gap to it, which is the KL(data ‖ model) per token the model has left."""
+    from lm.model import flops_per_token, param_count
+
+    ev = result.final_eval
+    train_rows = [r for r in result.history if "loss" in r]
+    summary = {
+        "steps": int(config.train.steps),
+        "parameters": param_count(result.state.params),
+        "flops_per_token": flops_per_token(model_cfg, config.train.seq_len)["total"],
+        "valid_ce": ev.get("nll", ev["loss"]),
+        "valid_loss": ev["loss"],
+        "valid_perplexity": ev.get("perplexity"),
+        "valid_accuracy": ev.get("accuracy"),
+        "valid_tokens": ev["tokens"],
+    }
+    if train_rows:
+        last = train_rows[-1]
+        summary["train_loss"] = last["loss"]
+        speeds = [r["tokens_per_s"] for r in train_rows[1:]] or [last["tokens_per_s"]]
+        summary["tokens_per_s"] = float(np.median(speeds))
+        summary["mfu"] = float(np.median([r["mfu"] for r in train_rows[1:]] or [last["mfu"]]))
+    if "bayes_optimal_ce" in source_info:
+        bound = float(source_info["bayes_optimal_ce"])
+        summary["bayes_optimal_ce"] = bound
+        summary["kl_gap"] = summary["valid_ce"] - bound
+        summary["relative_gap"] = summary["kl_gap"] / bound
+    return summary
+
+
+def print_summary(summary: dict) -> None:
+    print(f"validation cross-entropy: {summary['valid_ce']:.4f} nats/token "
+          f"(perplexity {summary['valid_perplexity']:.3f}, accuracy {summary['valid_accuracy']:.3f})")
+    if "bayes_optimal_ce" in summary:
+        print(f"Bayes-optimal cross-entropy: {summary['bayes_optimal_ce']:.4f} nats/token")
+        print(f"difference (KL left to learn): {summary['kl_gap']:.4f} nats/token "
+              f"({100 * summary['relative_gap']:.2f}% of the bound)")
+    if "tokens_per_s" in summary:
+        print(f"throughput: {summary['tokens_per_s']:,.0f} tokens/s, MFU {100 * summary['mfu']:.1f}%")
+
+
+def plot_loss(workdir: str, bound: float | None) -> str:
+    """loss.png: training loss per logged step, validation points, and the bound if known."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = mx.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    train = [(r["step"], r["loss"]) for r in rows if isinstance(r.get("loss"), float)]
+    valid = [(r["step"], r["valid/nll"]) for r in rows if "valid/nll" in r]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    if train:
+        ax.plot(*zip(*train), label="train loss", lw=1.2)
+    if valid:
+        ax.plot(*zip(*valid), "o-", label="validation cross-entropy", ms=4)
+    if bound is not None:
+        ax.axhline(bound, color="k", ls="--", lw=1, label=f"Bayes-optimal CE = {bound:.4f}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("nats / token")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    path = os.path.join(workdir, "loss.png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def print_samples(config: Any, result: Any, tokenizer: Any, valid_batches) -> None:
+    """Print `config.sample.num_samples` continuations (greedy by default) of prompts taken
+    from validation data (or `config.sample.prompt`)."""
+    from lm import sampling
+
+    sc = config.sample
+    if sc.prompt:
+        prompts = [tokenizer.encode(sc.prompt)] * sc.num_samples
+    else:
+        batch = next(iter(valid_batches()))
+        prompts = [row[:16].tolist() for row in batch["inputs"][: sc.num_samples]]
+    settings = sampling.SamplingConfig(temperature=sc.temperature, top_k=sc.top_k, top_p=sc.top_p,
+                                       max_new_tokens=sc.max_new_tokens)
+    params = result.state.params
+    outs = sampling.generate(result.setup.graphdef, params, prompts, settings, seed=config.seed)
+    print(f"samples ({'greedy' if sc.temperature == 0 else f'temperature {sc.temperature}'}):")
+    for prompt, out in zip(prompts, outs):
+        print(f"  {tokenizer.decode(prompt)!r} → {tokenizer.decode(out)!r}")

@@ -1,0 +1,112 @@
+"""Device mesh and the mapping from logical parameter axes to mesh axes.
+
+The mesh has three named axes:
+  data    pure data parallelism: parameters replicated, batch split;
+  fsdp    data parallelism with parameters and optimizer state split (ZeRO-3 / FSDP);
+  tensor  tensor parallelism: heads, MLP width and vocabulary split.
+The batch is split over (data, fsdp). A parameter's sharding comes from its
+`logical_axes` metadata (set in lm/model.py) through `rules`: logical name → mesh
+axis or None. A mesh axis is used at most once per parameter, and only where it
+divides the dimension; otherwise that dimension stays replicated. One code path
+serves every mesh, the 1-device mesh included.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+
+def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, int, int]:
+    """Resolve {data, fsdp, tensor} sizes (one may be −1 = the devices left) for `num_devices`."""
+    shape = [int(sizes[a]) for a in MESH_AXES]
+    free = [i for i, s in enumerate(shape) if s == -1]
+    if len(free) > 1:
+        raise ValueError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, shape))}")
+    if any(s == 0 or s < -1 for s in shape):
+        raise ValueError(f"mesh: axis sizes must be positive or -1, got {dict(zip(MESH_AXES, shape))}")
+    known = math.prod(s for s in shape if s != -1)
+    if free:
+        if num_devices % known:
+            raise ValueError(f"mesh: {dict(zip(MESH_AXES, shape))} cannot fill {num_devices} devices "
+                             f"({num_devices} is not a multiple of {known})")
+        shape[free[0]] = num_devices // known
+    if math.prod(shape) != num_devices:
+        raise ValueError(f"mesh: {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices, "
+                         f"but {num_devices} are available; set one axis to -1 or change the sizes")
+    return tuple(shape)
+
+
+def make_mesh(sizes: Mapping[str, int], devices: list | None = None) -> Mesh:
+    """A Mesh with axes (data, fsdp, tensor) over `devices` (default: all of them)."""
+    devices = jax.devices() if devices is None else devices
+    shape = mesh_shape(sizes, len(devices))
+    try:
+        array = jax.experimental.mesh_utils.create_device_mesh(shape, devices=devices)
+    except Exception:  # noqa: BLE001 — non-physical shapes (e.g. virtual CPU devices): plain order
+        array = np.asarray(devices).reshape(shape)
+    return Mesh(array, MESH_AXES)
+
+
+def logical_to_spec(logical_axes: tuple[str | None, ...], shape: tuple[int, ...],
+                    rules: Mapping[str, str | None], mesh: Mesh) -> P:
+    """PartitionSpec for one parameter: each logical axis through `rules`, skipping mesh axes
+    already used or of size 1, and any that do not divide the dimension."""
+    if len(logical_axes) != len(shape):
+        raise ValueError(f"logical axes {logical_axes} do not match shape {shape}")
+    used: set[str] = set()
+    spec = []
+    for name, dim in zip(logical_axes, shape):
+        if name is not None and name not in rules:
+            raise KeyError(f"no sharding rule for logical axis {name!r}; rules: {dict(rules)}")
+        axis = None if name is None else rules[name]
+        if axis is not None and (axis in used or mesh.shape[axis] == 1 or dim % mesh.shape[axis]):
+            axis = None
+        if axis is not None:
+            used.add(axis)
+        spec.append(axis)
+    return P(*spec)
+
+
+def logical_axes_tree(abstract_state: Any) -> Any:
+    """From an nnx State of Params: the same tree with each leaf its `logical_axes` tuple."""
+    from flax import nnx  # only the model's metadata needs flax
+
+    def get(var):
+        return tuple(var.get_metadata().get("logical_axes", (None,) * len(var.shape)))
+
+    pure = jax.tree.map(get, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.to_pure_dict(pure) if not isinstance(pure, dict) else pure
+
+
+def param_shardings(axes_tree: Any, shapes_tree: Any, rules: Mapping[str, str | None], mesh: Mesh) -> Any:
+    """NamedSharding per parameter, from a tree of logical-axis tuples and a matching tree of shapes."""
+    return jax.tree.map(
+        lambda axes, x: NamedSharding(mesh, logical_to_spec(axes, x.shape, rules, mesh)),
+        axes_tree, shapes_tree, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """[B, T] arrays: rows split over (data, fsdp), time replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES, None))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def per_device_bytes(tree: Any, shardings: Any) -> int:
+    """Bytes one device holds of `tree` (arrays or ShapeDtypeStructs) laid out by `shardings`."""
+    total = 0
+    for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings, is_leaf=lambda v: isinstance(v, NamedSharding))):
+        shard = s.shard_shape(x.shape)
+        total += math.prod(shard) * np.dtype(x.dtype).itemsize
+    return total

@@ -1,0 +1,130 @@
+"""The Transformer: causality, packed documents, logical axes, counts, numerics."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lm.model import ModelConfig, Transformer, flops_per_token, matmul_params, param_count
+
+CFG = ModelConfig(vocab_size=37, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=48)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return Transformer(CFG, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def forward(model):
+    graphdef, params = nnx.split(model)
+    params = nnx.to_pure_dict(params)
+    fn = jax.jit(lambda p, x, pos, seg: nnx.merge(graphdef, p)(x, pos, seg))
+    return lambda x, pos, seg: fn(params, x, pos, seg)
+
+
+def _row(tokens):
+    t = len(tokens)
+    return (jnp.array([tokens], jnp.int32), jnp.arange(t, dtype=jnp.int32)[None], jnp.ones((1, t), jnp.int32))
+
+
+def test_changing_a_token_changes_no_earlier_logit(forward):
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, CFG.vocab_size, 12).tolist()
+    base = forward(*_row(tokens))
+    for t in (0, 5, 11):
+        changed = list(tokens)
+        changed[t] = (changed[t] + 1) % CFG.vocab_size
+        out = forward(*_row(changed))
+        np.testing.assert_array_equal(out[0, :t], base[0, :t])
+        assert not np.allclose(out[0, t], base[0, t])
+
+
+def test_packed_row_equals_each_document_alone(forward):
+    rng = np.random.default_rng(1)
+    docs = [rng.integers(0, CFG.vocab_size, n).tolist() for n in (5, 3, 6)]
+    inputs = sum(docs, []) + [0, 0]  # two padding slots at the end
+    segs = sum([[i + 1] * len(d) for i, d in enumerate(docs)], []) + [0, 0]
+    pos = sum([list(range(len(d))) for d in docs], []) + [0, 0]
+    packed = forward(jnp.array([inputs]), jnp.array([pos]), jnp.array([segs]))
+    start = 0
+    for d in docs:
+        alone = forward(*_row(d))
+        np.testing.assert_allclose(packed[0, start:start + len(d)], alone[0], atol=1e-5, rtol=1e-5)
+        start += len(d)
+    assert np.isfinite(np.asarray(packed)).all()  # padding queries attend to nothing, still finite
+
+
+def test_every_parameter_has_logical_axes_matching_its_rank(model):
+    _, state = nnx.split(model)
+    for path, var in jax.tree_util.tree_leaves_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        axes = var.get_metadata()["logical_axes"]
+        assert len(axes) == var.shape.__len__(), (path, axes, var.shape)
+        if any(getattr(k, "key", None) == "blocks" for k in path):
+            assert axes[0] == "layers" and var.shape[0] == CFG.num_layers
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_parameter_and_flop_counts(tie):
+    cfg = ModelConfig(**{**CFG.__dict__, "tie_embeddings": tie})
+    params = nnx.to_pure_dict(nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))[1])
+    d, f, h, k, hd, v, layers = 32, 48, 4, 2, 8, 37, 2
+    per_layer = d * hd * (2 * h + 2 * k) + 3 * d * f + 2 * d
+    expected = v * d + layers * per_layer + d + (0 if tie else d * v)
+    assert param_count(params) == expected
+    assert matmul_params(cfg) == layers * (d * hd * (2 * h + 2 * k) + 3 * d * f) + d * v
+    flops = flops_per_token(cfg, seq_len=16)
+    assert flops["model"] == 6 * matmul_params(cfg)
+    assert flops["attention"] == 12 * layers * 16 * h * hd
+
+
+def test_hidden_states_then_projection_equals_logits(model):
+    x, pos, seg = _row([1, 2, 3, 4])
+    hidden = model.hidden_states(x, pos, seg)
+    np.testing.assert_allclose(model.logits_from_hidden(hidden), model(x, pos, seg), atol=1e-6)
+    kernel, layout = model.output_kernel()
+    assert layout == "vd" and kernel.shape == (CFG.vocab_size, CFG.d_model)
+
+
+def test_bfloat16_compute_is_close_to_float32():
+    cfg16 = ModelConfig(**{**CFG.__dict__, "dtype": "bfloat16"})
+    m32, m16 = Transformer(CFG, rngs=nnx.Rngs(0)), Transformer(cfg16, rngs=nnx.Rngs(0))
+    x, pos, seg = _row(list(range(10)))
+    out32, out16 = m32(x, pos, seg), m16(x, pos, seg)
+    assert out16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(out16.astype(jnp.float32), out32, atol=0.1, rtol=0.05)
+
+
+def test_remat_changes_nothing_but_memory():
+    cfg_r = ModelConfig(**{**CFG.__dict__, "remat": True})
+    x, pos, seg = _row(list(range(9)))
+
+    def loss(cfg):
+        gd, p = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+        p = nnx.to_pure_dict(p)
+        f = lambda p: nnx.merge(gd, p)(x, pos, seg).astype(jnp.float32).std()
+        return jax.value_and_grad(f)(p)
+
+    (v1, g1), (v2, g2) = loss(CFG), loss(cfg_r)
+    np.testing.assert_allclose(v1, v2, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g1, g2)
+
+
+def test_initial_loss_is_near_uniform(model):
+    x, pos, seg = _row(list(range(20)))
+    logp = jax.nn.log_softmax(model(x, pos, seg))
+    assert abs(float(-logp.mean()) - math.log(CFG.vocab_size)) < 1.0
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(num_heads=3), "does not divide"),
+    (dict(num_kv_heads=3), "must divide"),
+    (dict(d_model=0), "d_model"),
+    (dict(dtype="float16"), "dtype"),
+])
+def test_impossible_shapes_are_named(bad, match):
+    with pytest.raises(ValueError, match=match):
+        ModelConfig(**{**CFG.__dict__, **bad})
