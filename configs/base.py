@@ -63,7 +63,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     t.micro_batches = 1  # gradient accumulation: the batch is split into this many pieces
     t.log_every = 10  # steps between metrics lines
     t.eval_every = 200  # steps between validation passes; 0: only at the end
-    t.eval_batches = 8  # validation batches per pass
     t.checkpoint_every = 500  # steps between checkpoints; 0: only at the end
     t.keep_checkpoints = 2  # how many recent checkpoints to keep
     t.peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0: measure once with a matmul at start
@@ -89,7 +88,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     dc.heartbeat_timeout_s = 60  # a peer silent this long ends the job with an error
 
     # -- data (lm/data; every field documented in configs/data.py) ------------------------------------
-    c.data = data.data_config()
+    c.data = data.data_config()  # the data block, documented field by field in configs/data.py
 
     # -- metrics sinks -----------------------------------------------------------------------------
     w = c.wandb = ml_collections.ConfigDict()

@@ -72,7 +72,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, model_cfg: ModelConf
     tokens_per_step = tc.batch_size * tc.seq_len
 
     def run_eval(step: int) -> dict[str, float]:
-        batches = (train.global_batch(b, mesh) for _, b in zip(range(tc.eval_batches), valid_batches()))
+        batches = (train.global_batch(b, mesh) for b in valid_batches())
         result = train.evaluate(eval_fn, state.params, batches)
         writer.write(step, {f"valid/{k}": v for k, v in result.items()})
         return result

@@ -49,13 +49,7 @@ class Setup:
     abstract_state: TrainState
 
 
-def create_state(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh, rules,
-                 seed: int) -> tuple[TrainState, Setup]:
-    """Initialize the train state directly in its sharded layout (no full copy on one device)."""
-    abstract_model = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(seed)))
-    graphdef, abstract_params = nnx.split(abstract_model)
-    axes = shd.logical_axes_tree(abstract_params)
-
+def _init_fn(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, seed: int):
     def init() -> TrainState:
         _, params = nnx.split(Transformer(model_cfg, rngs=nnx.Rngs(seed)))
         params = nnx.to_pure_dict(params)
@@ -63,14 +57,29 @@ def create_state(model_cfg: ModelConfig, optimizer: optax.GradientTransformation
         return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), rng,
                           jnp.zeros((), jnp.int32))
 
-    abstract_state = jax.eval_shape(init)
+    return init
+
+
+def plan_state(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh, rules,
+               seed: int = 0) -> Setup:
+    """Shapes and shardings of the train state, without allocating it (works for any size)."""
+    abstract_model = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(seed)))
+    graphdef, abstract_params = nnx.split(abstract_model)
+    axes = shd.logical_axes_tree(abstract_params)
+    abstract_state = jax.eval_shape(_init_fn(model_cfg, optimizer, seed))
     param_sh = shd.param_shardings(axes, abstract_state.params, rules, mesh)
     repl = shd.replicated(mesh)
     opt_sh = optax.tree_map_params(optimizer, lambda _, s: s, abstract_state.opt_state, param_sh,
                                    transform_non_params=lambda _: repl)
-    state_shardings = TrainState(repl, param_sh, opt_sh, repl, repl)
-    state = jax.jit(init, out_shardings=state_shardings)()
-    return state, Setup(graphdef, mesh, state_shardings, abstract_state)
+    return Setup(graphdef, mesh, TrainState(repl, param_sh, opt_sh, repl, repl), abstract_state)
+
+
+def create_state(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh, rules,
+                 seed: int) -> tuple[TrainState, Setup]:
+    """Initialize the train state directly in its sharded layout (no full copy on one device)."""
+    setup = plan_state(model_cfg, optimizer, mesh, rules, seed)
+    state = jax.jit(_init_fn(model_cfg, optimizer, seed), out_shardings=setup.state_shardings)()
+    return state, setup
 
 
 def split_micro_batches(batch: dict, k: int) -> dict:

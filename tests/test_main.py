@@ -1,0 +1,92 @@
+"""The main job end to end, as a user runs it: a real process, a real run directory."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lm import sweep
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args, check=True):
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-m", "lm.main", "--config=configs/default.py:tiny", *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    if check and proc.returncode:
+        raise AssertionError(f"lm.main failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def _metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("run"))
+    return workdir, _run(f"--workdir={workdir}")
+
+
+def test_run_directory_has_everything(tiny_run):
+    workdir, proc = tiny_run
+    for name in ("config.json", "metrics.jsonl", "summary.json", "loss.png", "checkpoints"):
+        assert os.path.exists(os.path.join(workdir, name)), name
+    summary = json.load(open(os.path.join(workdir, "summary.json")))
+    assert summary["steps"] == 8 and summary["bayes_optimal_ce"] > 0
+    assert summary["kl_gap"] == pytest.approx(summary["valid_ce"] - summary["bayes_optimal_ce"])
+    train_steps = [r["step"] for r in _metrics(workdir) if "loss" in r]
+    assert train_steps == [2, 4, 6, 8]
+    row = next(r for r in _metrics(workdir) if "loss" in r)
+    for key in ("loss", "grad_norm", "learning_rate", "tokens_per_s", "mfu"):
+        assert key in row
+    assert "Bayes-optimal cross-entropy" in proc.stdout and "samples" in proc.stdout
+    config = json.load(open(os.path.join(workdir, "config.json")))
+    assert config["train"]["steps"] == 8 and config["model"]["d_model"] == 32
+
+
+def test_rerun_resumes_without_duplicating_steps(tiny_run):
+    workdir, _ = tiny_run
+    proc = _run(f"--workdir={workdir}", "--config.train.steps=12")
+    assert "resumed from" in proc.stdout
+    steps = [r["step"] for r in _metrics(workdir) if "loss" in r]
+    assert steps == [2, 4, 6, 8, 10, 12]
+
+
+def test_unknown_config_key_names_the_close_match(tmp_path):
+    proc = _run(f"--workdir={tmp_path}", "--config.optimizer.lrr=0.1", check=False)
+    assert proc.returncode != 0
+    assert 'Did you mean "lr"' in proc.stderr
+
+
+def test_impossible_values_fail_before_compiling(tmp_path):
+    proc = _run(f"--workdir={tmp_path}", "--config.model.num_heads=3", check=False)
+    assert proc.returncode != 0 and "does not divide" in proc.stderr
+    proc = _run(f"--workdir={tmp_path}", "--config.mesh.data=3", check=False)
+    assert proc.returncode != 0 and "needs 3 devices" in proc.stderr
+
+
+def test_sweep_runs_each_point_and_gathers_a_table(tmp_path):
+    exp = tmp_path / "exp.py"
+    exp.write_text('CONFIG = "configs/default.py:tiny"\n'
+                   'def sweep():\n    return [{"optimizer.lr": 1e-3}, {"optimizer.lr": 1e-2}]\n')
+    root = tmp_path / "sweep"
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-m", "lm.sweep", str(exp), f"--root={root}",
+                           "--set", "train.steps=2", "--set", "sample.num_samples=0"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(open(root / "results.csv"))
+    assert len(rows) == 3 and all("done" in r for r in rows[1:])
+    assert "lr=0.001" in (root / "results.md").read_text()
+    printed = subprocess.run([sys.executable, "-m", "lm.sweep", str(exp), "--print_only"], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=60).stdout.splitlines()
+    assert len(printed) == 2 and "--config.optimizer.lr=0.01" in printed[1]
+
+
+def test_run_name_is_directory_safe():
+    assert sweep.run_name({"optimizer.lr": 0.001, "data.text.train_files": "a/b"}) == "lr=0.001_train_files=a-b"
