@@ -60,6 +60,8 @@ def train_and_report(config: ml_collections.ConfigDict, workdir: str) -> dict:
                       train_iter=train_iter, valid_batches=valid_batches)
     info = data.source_info(config.data, seq_len=tc.seq_len)
     summary = report.summarize(config, model_cfg, result, info)
+    if hasattr(objective, "after_training"):
+        summary.update(objective.after_training(config, result, tokenizer, workdir))
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
