@@ -35,7 +35,7 @@ MODELS = {
     # the benchmark model: d_model 512, 8 layers, 8 query / 4 kv heads, SwiGLU 1376, T=256, B=8
     "bench": (dict(d_model=512, num_layers=8, num_heads=8, num_kv_heads=4, mlp_dim=1376), 256, 8),
     # the main job's model (configs/default.py)
-    "default": (dict(d_model=128, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=384), 128, 32),
+    "default": (dict(d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=256), 128, 32),
 }
 
 
