@@ -65,9 +65,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     t.eval_every = 200  # steps between validation passes; 0: only at the end
     t.checkpoint_every = 500  # steps between checkpoints; 0: only at the end
     t.keep_checkpoints = 2  # how many recent checkpoints to keep
-    t.peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0: measure once with a matmul at start
+    t.peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0: a known accelerator's spec, else a matmul measured at start
     t.progress_bar = True  # tqdm bar with step, loss, tokens/s and ETA
     t.max_bad_steps = 10  # consecutive non-finite steps (skipped) before the run stops
+    t.async_checkpointing = True  # write checkpoints in a background thread while training goes on
+    # Start from another run (lm/checkpoint.py: find_checkpoints): its run directory, its checkpoints/
+    # directory or one checkpoints/<step>/ directory. Ignored once the workdir holds a checkpoint of
+    # its own (the run then resumes from that).
+    t.restore_from = ml_collections.FieldReference(None, field_type=str)  # None: a fresh start
+    t.restore_params_only = False  # with restore_from: parameters only (fine-tuning: step 0, new optimizer and data)
+    # fault injection for tests of lm/loop.py; all off by default
+    t.inject = ml_collections.ConfigDict()
+    t.inject.nan_steps = ""  # comma-separated steps (1-based) whose batch gets a NaN loss mask, e.g. "5,6"
+    t.inject.step_delay_s = 0.0  # sleep after every step, so that a test can kill the run mid-way
+    t.inject.save_delay_s = 0.0  # hold every checkpoint save open this long before it commits
 
     # -- device mesh (lm/sharding.py) --------------------------------------------------------------
     mesh = c.mesh = ml_collections.ConfigDict()
@@ -78,6 +89,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     mesh.rules = ml_collections.ConfigDict({
         "vocab": "tensor", "embed": "fsdp", "heads": "tensor", "kv_heads": "tensor",
         "head_dim": None, "mlp": "tensor", "layers": None})
+    mesh.device_memory_gib = 0.0  # per-device memory the fit check assumes; 0: ask the device (none on CPU)
+    mesh.memory_fraction = 0.9  # fail before training if the step needs more than this share of it
 
     # -- multi-process start-up (lm/distributed.py) -------------------------------------------------
     dc = c.distributed = ml_collections.ConfigDict()
@@ -86,6 +99,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     dc.num_processes = ml_collections.FieldReference(None, field_type=int)  # processes in the job
     dc.process_id = ml_collections.FieldReference(None, field_type=int)  # this process's index
     dc.heartbeat_timeout_s = 60  # a peer silent this long ends the job with an error
+    dc.initialization_timeout_s = 300  # give up if not every process has joined within this time
+    dc.cpu_collectives = "gloo"  # cross-process collectives on CPU: 'gloo' or 'mpi' (TPU/GPU ignore it)
+    dc.supervisor = True  # fork: a parent turns the runtime's abort (coordinator lost) into a clear exit 75
 
     # -- data (lm/data; every field documented in configs/data.py) ------------------------------------
     c.data = data.data_config()  # the data block, documented field by field in configs/data.py

@@ -1,8 +1,21 @@
-"""The training loop: resume, step, log, evaluate, checkpoint. Effects live here, at the edge.
+"""The training loop: start or resume, step, log, evaluate, checkpoint, stop cleanly. Effects
+live here, at the edge.
 
-`run()` is objective-agnostic: it gets the model config, a function that builds the
-loss from the model's graphdef, a training iterator of per-process numpy batches
-(with get_state/set_state) and a function that yields fresh validation batches.
+`run()` is objective-agnostic: it gets the model config, a function that builds the loss from
+the model's graphdef, a training iterator of per-process numpy batches (with get_state /
+set_state) and a function that yields fresh validation batches.
+
+Where a run starts (first match):
+  1. the workdir holds a checkpoint: resume from the newest intact one (state, data order, rng);
+  2. train.restore_from: resume another run's checkpoint in this workdir, or, with
+     train.restore_params_only, take only its parameters and start a new run at step 0;
+  3. otherwise a fresh start from config.seed.
+A run resumed from step k logs exactly the losses an uninterrupted run logs after step k.
+
+Stopping: SIGTERM/SIGINT finish the step, save a checkpoint and raise `preemption.Preempted`
+(exit status 0). A step with a non-finite loss or gradient norm is skipped by the train step;
+here it is logged with its step, counted, and after train.max_bad_steps in a row the run stops
+with FloatingPointError naming the step.
 """
 
 from __future__ import annotations
@@ -14,9 +27,11 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 
 from lm import checkpoint as ckpt
 from lm import metrics as mx
+from lm import preemption
 from lm import sharding as shd
 from lm import train
 from lm.model import ModelConfig, flops_per_token, param_count
@@ -36,17 +51,113 @@ def _log(msg: str) -> None:
         print(msg, flush=True)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, *, model_cfg: ModelConfig,
-        make_loss_fn: Callable[[Any], train.LossFn], train_iter: Any,
-        valid_batches: Callable[[], Iterable[dict]]) -> RunResult:
-    tc = config.train
+def parse_steps(text: str) -> set[int]:
+    """'5, 7' -> {5, 7} (train.inject.nan_steps)."""
+    try:
+        return {int(s) for s in str(text or "").replace(" ", "").split(",") if s}
+    except ValueError:
+        raise ValueError(f"train.inject.nan_steps must be comma-separated step numbers, got {text!r}") from None
+
+
+def poison(batch: dict) -> dict:
+    """The batch with a NaN loss mask: its loss and gradient are NaN (a fault-injection hook)."""
+    return dict(batch, loss_mask=batch["loss_mask"] * np.float32(np.nan))
+
+
+class BadSteps:
+    """Reads each step's `skipped` / `bad_steps` one step late, so the host never waits for the
+    step it has just dispatched. Logs every skipped step; raises after `max_bad` in a row."""
+
+    def __init__(self, max_bad: int, total: int = 0):
+        self.max_bad, self.total = max_bad, total
+        self._pending: tuple[int, dict] | None = None
+
+    def push(self, step: int, metrics: dict) -> None:
+        self.flush()
+        self._pending = (step, {k: metrics[k] for k in ("skipped", "bad_steps", "loss", "grad_norm")})
+
+    def flush(self) -> None:
+        if self._pending is None:
+            return
+        step, m = self._pending
+        self._pending = None
+        m = jax.device_get(m)
+        if not int(m["skipped"]):
+            return
+        self.total += 1
+        in_a_row = int(m["bad_steps"])
+        _log(f"step {step}: non-finite loss ({float(m['loss'])}) or gradient norm ({float(m['grad_norm'])}); "
+             f"update skipped ({in_a_row} in a row, {self.total} skipped in this run)")
+        if in_a_row >= self.max_bad:
+            raise FloatingPointError(
+                f"step {step}: {in_a_row} consecutive steps (steps {step - in_a_row + 1}..{step}) had a "
+                f"non-finite loss or gradient norm (train.max_bad_steps={self.max_bad}); stopping. "
+                f"The parameters are those after step {step - in_a_row}, the last finite step.")
+
+
+def _validate(tc: ml_collections.ConfigDict, mesh) -> None:
     if tc.steps < 1 or tc.batch_size < 1 or tc.seq_len < 1 or tc.micro_batches < 1:
         raise ValueError("train.steps, batch_size, seq_len and micro_batches must be >= 1")
-    mesh = shd.make_mesh(config.mesh)
     batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if tc.batch_size % (batch_shards * tc.micro_batches):
         raise ValueError(f"train.batch_size={tc.batch_size} must be a multiple of data×fsdp "
                          f"({batch_shards}) × train.micro_batches ({tc.micro_batches})")
+    if tc.restore_params_only and not tc.restore_from:
+        raise ValueError("train.restore_params_only needs train.restore_from (a run or checkpoint path)")
+    if tc.restore_from:
+        ckpt.find_checkpoints(tc.restore_from)  # a missing or unreadable path fails now, not after compiling
+
+
+def _set_data_state(train_iter: Any, data_state: dict) -> None:
+    if data_state:
+        train_iter.set_state(data_state)
+
+
+def _data_state(train_iter: Any) -> dict | None:
+    get = getattr(train_iter, "get_state", None)
+    return get() if callable(get) else None
+
+
+def initial_state(tc, checkpointer: ckpt.Checkpointer, setup: train.Setup, state: train.TrainState,
+                  optimizer, train_iter: Any) -> tuple[train.TrainState, int, int]:
+    """(state, start step, steps skipped so far) per the rules in the module docstring."""
+    target = ckpt.abstract_with_shardings(setup.abstract_state, setup.state_shardings)
+    if checkpointer.steps():
+        if tc.restore_from:
+            _log(f"{checkpointer.directory} holds checkpoints: resuming from them, not from "
+                 f"train.restore_from={tc.restore_from}")
+        restored = checkpointer.restore(target)
+        if checkpointer.broken:
+            checkpointer.set_aside(checkpointer.broken)
+        _set_data_state(train_iter, restored.data)
+        _log(f"resumed from {restored.path} (step {int(restored.tree.step)})")
+        return restored.tree, restored.step, int(restored.meta.get("skipped_steps", 0))
+    if not tc.restore_from:
+        return state, 0, 0
+    if tc.restore_params_only:
+        restored = ckpt.restore_params(tc.restore_from, target.params)
+        opt_state = jax.jit(optimizer.init, out_shardings=setup.state_shardings.opt_state)(restored.tree)
+        _log(f"parameters from {restored.path} (step {restored.step}); a new run from step 0 with a fresh "
+             f"optimizer state and data order")
+        return state._replace(params=restored.tree, opt_state=opt_state), 0, 0
+    directory, step = ckpt.find_checkpoints(tc.restore_from)
+    reader = ckpt.CheckpointReader(directory)
+    try:
+        restored = reader.restore(target, step)
+    finally:
+        reader.close()
+    _set_data_state(train_iter, restored.data)
+    _log(f"resumed from {restored.path} (step {restored.step}), given by train.restore_from")
+    return restored.tree, restored.step, int(restored.meta.get("skipped_steps", 0))
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, model_cfg: ModelConfig,
+        make_loss_fn: Callable[[Any], train.LossFn], train_iter: Any,
+        valid_batches: Callable[[], Iterable[dict]]) -> RunResult:
+    tc = config.train
+    mesh = shd.make_mesh(config.mesh)
+    _validate(tc, mesh)
+    nan_steps = parse_steps(tc.inject.nan_steps)
     optimizer, schedule = make_optimizer(config.optimizer, tc.steps)
     state, setup = train.create_state(model_cfg, optimizer, mesh, config.mesh.rules, config.seed)
     n_params = param_count(state.params)
@@ -54,73 +165,101 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, model_cfg: ModelConf
          f"per device: params {shd.per_device_bytes(state.params, setup.state_shardings.params) / 2**20:.1f} MiB, "
          f"optimizer {shd.per_device_bytes(state.opt_state, setup.state_shardings.opt_state) / 2**20:.1f} MiB")
 
-    checkpointer = ckpt.Checkpointer(workdir, keep=tc.keep_checkpoints)
-    start = 0
-    if checkpointer.latest_step() is not None:
-        target = ckpt.abstract_with_shardings(setup.abstract_state, setup.state_shardings)
-        state, data_state, start = checkpointer.restore(target)
-        if data_state:
-            train_iter.set_state(data_state)
-        _log(f"resumed from {ckpt.checkpoint_dir(workdir)}/{start} (step {int(state.step)})")
+    checkpointer = ckpt.Checkpointer(workdir, keep=tc.keep_checkpoints, async_save=tc.async_checkpointing,
+                                     config=config, save_delay_s=tc.inject.save_delay_s)
+    writer = bar = None
+    finished = False
+    watcher = preemption.PreemptionWatcher().start()  # a SIGTERM while compiling stops after the first step
+    try:
+        state, start, skipped = initial_state(tc, checkpointer, setup, state, optimizer, train_iter)
+        writer = mx.MetricsWriter(workdir, wandb_cfg=config.wandb, config=config, resume_step=start)
+        step_fn = train.jit_train_step(train.make_train_step(make_loss_fn(setup.graphdef), optimizer, schedule,
+                                                             tc.micro_batches), setup)
+        eval_fn = train.make_eval_step(make_loss_fn(setup.graphdef), setup)
+        peak = tc.peak_flops or mx.measure_peak_flops()
+        flops_tok = flops_per_token(model_cfg, tc.seq_len)
+        tokens_per_step = tc.batch_size * tc.seq_len
+        bad = BadSteps(tc.max_bad_steps, skipped)
 
-    writer = mx.MetricsWriter(workdir, wandb_cfg=config.wandb, config=config, resume_step=start)
-    step_fn = train.jit_train_step(train.make_train_step(make_loss_fn(setup.graphdef), optimizer, schedule,
-                                                         tc.micro_batches), setup)
-    eval_fn = train.make_eval_step(make_loss_fn(setup.graphdef), setup)
-    peak = tc.peak_flops or mx.measure_peak_flops()
-    flops_tok = flops_per_token(model_cfg, tc.seq_len)
-    tokens_per_step = tc.batch_size * tc.seq_len
+        def run_eval(step: int) -> dict[str, float]:
+            batches = (train.global_batch(b, mesh) for b in valid_batches())
+            result = train.evaluate(eval_fn, state.params, batches)
+            writer.write(step, {f"valid/{k}": v for k, v in result.items()})
+            return result
 
-    def run_eval(step: int) -> dict[str, float]:
-        batches = (train.global_batch(b, mesh) for b in valid_batches())
-        result = train.evaluate(eval_fn, state.params, batches)
-        writer.write(step, {f"valid/{k}": v for k, v in result.items()})
-        return result
+        def save(step: int) -> None:
+            bad.flush()  # count this step's skip in the saved total
+            checkpointer.save(step, state, _data_state(train_iter), extra={"skipped_steps": bad.total})
 
-    bar = None
-    if tc.progress_bar and jax.process_index() == 0:
-        from tqdm import tqdm
+        if tc.progress_bar and jax.process_index() == 0:
+            from tqdm import tqdm
 
-        bar = tqdm(total=tc.steps, initial=start, unit="step", dynamic_ncols=True)
-    history: list[dict] = []
-    t_last, step_last = time.perf_counter(), start
-    last_eval: dict[str, float] = {}
-    for step in range(start, tc.steps):
-        batch = train.global_batch(next(train_iter), mesh)
-        state, metrics = step_fn(state, batch)
-        done = step + 1
-        if done % tc.log_every == 0 or done == tc.steps:
-            metrics = jax.device_get(metrics)
-            now = time.perf_counter()
-            tok_s = tokens_per_step * (done - step_last) / (now - t_last)
-            t_last, step_last = now, done
-            row = {k: float(v) for k, v in metrics.items()}
-            row.update(tokens_per_s=tok_s, mfu=flops_tok["model"] * tok_s / (peak * jax.device_count()))
-            counts = getattr(train_iter, "error_counts", None)
-            if callable(counts):
-                row.update({f"data/skipped_{k}": v for k, v in counts().items()})
-            writer.write(done, row)
-            history.append({"step": done, **row})
+            bar = tqdm(total=tc.steps, initial=start, unit="step", dynamic_ncols=True)
+        if start >= tc.steps:
+            _log(f"the checkpoint is at step {start} >= train.steps={tc.steps}: nothing left to train")
+        history: list[dict] = []
+        t_last, step_last = time.perf_counter(), start
+        for step in range(start, tc.steps):
+            local = next(train_iter)
+            if step + 1 in nan_steps:
+                local = poison(local)
+            state, metrics = step_fn(state, train.global_batch(local, mesh))
+            done = step + 1
+            bad.push(done, metrics)
+            if done % tc.log_every == 0 or done == tc.steps:
+                metrics = jax.device_get(metrics)
+                now = time.perf_counter()
+                tok_s = tokens_per_step * (done - step_last) / (now - t_last)
+                t_last, step_last = now, done
+                row = {k: float(v) for k, v in metrics.items()}
+                row.update(tokens_per_s=tok_s, mfu=flops_tok["model"] * tok_s / (peak * jax.device_count()))
+                counts = getattr(train_iter, "error_counts", None)
+                if callable(counts):
+                    row.update({f"data/skipped_{k}": v for k, v in counts().items()})
+                writer.write(done, row)
+                history.append({"step": done, **row})
+                if bar is not None:
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
             if bar is not None:
-                bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
-            if row["bad_steps"] >= tc.max_bad_steps:
-                raise FloatingPointError(
-                    f"{int(row['bad_steps'])} consecutive non-finite steps ending at step {done}: stopping")
-            if row["skipped"]:
-                _log(f"step {done}: non-finite loss or gradient, update skipped")
-        if bar is not None:
-            bar.update(1)
-        if tc.eval_every and done % tc.eval_every == 0 and done != tc.steps:
-            last_eval = run_eval(done)
-        if tc.checkpoint_every and done % tc.checkpoint_every == 0 and done != tc.steps:
-            checkpointer.save(done, state, train_iter.get_state())
+                bar.update(1)
+            if tc.inject.step_delay_s:
+                time.sleep(tc.inject.step_delay_s)
+            if watcher.should_stop(done) and done < tc.steps:
+                if checkpointer.latest_step() != done:
+                    save(done)
+                checkpointer.wait()
+                message = (f"preempted ({watcher.received}) after step {done}: checkpoint saved to "
+                           f"{checkpointer.step_path(done)}. To resume, run the same command again with "
+                           f"--workdir={checkpointer.workdir} (it resumes from the newest checkpoint there).")
+                _log(message)
+                raise preemption.Preempted(message, done, checkpointer.step_path(done))
+            if tc.eval_every and done % tc.eval_every == 0 and done != tc.steps:
+                run_eval(done)
+            if tc.checkpoint_every and done % tc.checkpoint_every == 0 and done != tc.steps:
+                save(done)
+        bad.flush()
+        if start < tc.steps:
+            save(tc.steps)  # asynchronous: the final evaluation runs while it is written
+        last_eval = run_eval(max(start, tc.steps))
+        checkpointer.wait()
+        finished = True
+    finally:
+        watcher.stop()
+        _close(checkpointer, writer, bar, raise_errors=finished)
+    if bad.total:
+        _log(f"{bad.total} steps were skipped for a non-finite loss or gradient norm (see the log above)")
+    return RunResult(state, setup, last_eval, history)
+
+
+def _close(checkpointer: ckpt.Checkpointer, writer, bar, *, raise_errors: bool) -> None:
+    """Finish pending checkpoint writes and close everything; after another error, only try."""
     if bar is not None:
         bar.close()
-    if start < tc.steps or not last_eval:
-        last_eval = run_eval(tc.steps)
-    if checkpointer.latest_step() != tc.steps:
-        checkpointer.save(tc.steps, state, train_iter.get_state())
-    checkpointer.wait()
-    checkpointer.close()
-    writer.close()
-    return RunResult(state, setup, last_eval, history)
+    try:
+        checkpointer.wait()
+        checkpointer.close()
+    except Exception:
+        if raise_errors:
+            raise
+    if writer is not None:
+        writer.close()

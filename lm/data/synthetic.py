@@ -165,12 +165,15 @@ _SYSTEM_PROMPTS = ('You are a calculator. Reply with the number only.',
 
 
 class ArithmeticChat:
-    """Chat documents: [system?] user asks `a op b`, assistant answers the exact number."""
+    """Chat documents: [system?] then 1..max_turns exchanges, each a user asking `a op b` (in one
+    of several phrasings) and the assistant answering the exact number. Every problem of a
+    valid conversation is held out (never in train), and so are the last phrasings."""
 
     unbounded = True
 
     def __init__(self, cfg, split: str, tokenizer, *, seed: int, loss_policy: str,
-                 add_bos: bool = True, **_):
+                 add_bos: bool = True, seq_len: int | None = None,
+                 chat_overflow: str = 'none', **_):
         unknown = set(cfg.operations) - set(_OPERATIONS)
         if unknown or not cfg.operations:
             raise ValueError(f'data.arithmetic_chat.operations must be from {sorted(_OPERATIONS)}')
@@ -178,8 +181,12 @@ class ArithmeticChat:
             raise ValueError('data.arithmetic_chat.valid_fraction must be in (0, 1)')
         if not 0 <= cfg.num_heldout_templates < len(_TEMPLATES):
             raise ValueError(f'data.arithmetic_chat.num_heldout_templates must be < {len(_TEMPLATES)}')
+        self.max_turns = int(cfg.get('max_turns', 1))
+        if self.max_turns < 1:
+            raise ValueError(f'data.arithmetic_chat.max_turns must be >= 1, got {self.max_turns}')
         self.split, self.seed, self.tokenizer = split, seed, tokenizer
-        self.loss_policy, self.add_bos = loss_policy, add_bos
+        self.loss_policy, self.add_bos, self.overflow = loss_policy, add_bos, chat_overflow
+        self.max_tokens = None if seq_len is None else seq_len + 1  # one packed row
         self.operations, self.max_digits = str(cfg.operations), int(cfg.max_digits)
         self.valid_fraction, self.system_prompt_prob = cfg.valid_fraction, cfg.system_prompt_prob
         num_train_templates = len(_TEMPLATES) - cfg.num_heldout_templates
@@ -200,10 +207,8 @@ class ArithmeticChat:
         low = 0 if digits == 1 else 10 ** (digits - 1)
         return low + int(u_value * (10 ** digits - low))
 
-    def example(self, i: int) -> dict:
-        """{'messages': [...], 'answer': str, 'problem': (op, a, b)} for document i."""
-        key = document_key(self.split, self.seed, i) * 1_000_003  # uniforms: hash of (key, j)
-        uniform = (lambda j: _splitmix64(key + j) / 2.0**64)
+    def _exchange(self, uniform) -> tuple[tuple[str, int, int], str, str, list[float]]:
+        """((op, a, b), question, answer, 2 spare uniforms) from a stream of uniforms j -> [0, 1)."""
         want_heldout, j = self.split == 'valid', 0
         for j in range(0, 500_000, 5):  # rejection: a problem of this split
             op = self.operations[int(uniform(j) * len(self.operations))]
@@ -217,16 +222,136 @@ class ArithmeticChat:
         fn, words = _OPERATIONS[op]
         template = self.templates[int(u[0] * len(self.templates))]
         question = template.format(a=a, b=b, op=words[int(u[1] * len(words))])
-        answer = str(fn(a, b))
-        messages = []
-        if u[2] < self.system_prompt_prob:
-            messages.append({'role': 'system',
-                             'content': _SYSTEM_PROMPTS[int(u[3] * len(_SYSTEM_PROMPTS))]})
-        messages += [{'role': 'user', 'content': question},
-                     {'role': 'assistant', 'content': answer}]
-        return {'messages': messages, 'answer': answer, 'problem': (op, a, b)}
+        return (op, a, b), question, str(fn(a, b)), u[2:]
+
+    def example(self, i: int) -> dict:
+        """{'messages': [...], 'answer': str, 'problem': (op, a, b), 'problems': [...]} for
+        document i; 'answer' and 'problem' are those of the last exchange."""
+        key = document_key(self.split, self.seed, i) * 1_000_003  # uniforms: hash of (key, j)
+        stream = (lambda k: (lambda j: _splitmix64(k + j) / 2.0**64))
+        uniform = stream(key)
+        turns = 1 + int(uniform(999_999) * self.max_turns) if self.max_turns > 1 else 1
+        messages, problems = [], []
+        for turn in range(turns):  # exchange 0 uses the document's own stream (as with 1 turn)
+            turn_uniform = uniform if turn == 0 else stream(_splitmix64(key ^ (turn << 56)))
+            problem, question, answer, spare = self._exchange(turn_uniform)
+            if turn == 0 and spare[0] < self.system_prompt_prob:
+                messages.append({'role': 'system',
+                                 'content': _SYSTEM_PROMPTS[int(spare[1] * len(_SYSTEM_PROMPTS))]})
+            messages += [{'role': 'user', 'content': question},
+                         {'role': 'assistant', 'content': answer}]
+            problems.append(problem)
+        return {'messages': messages, 'answer': answer, 'problem': problems[-1], 'problems': problems}
 
     def document(self, i: int) -> dict:
-        tokens, weights = chat.render_chat(self.example(i)['messages'], self.tokenizer,
-                                           loss_policy=self.loss_policy, add_bos=self.add_bos)
-        return {'tokens': tokens, 'weights': weights}
+        """{'tokens', 'weights'} (chat.py) and 'dropped_messages' (history cut to fit a row)."""
+        out = chat.render_conversation(self.example(i)['messages'], self.tokenizer,
+                                       loss_policy=self.loss_policy, add_bos=self.add_bos,
+                                       max_tokens=self.max_tokens, overflow=self.overflow,
+                                       where=f'arithmetic_chat:{self.split}:{i}')
+        return {'tokens': out.tokens, 'weights': out.weights, 'dropped_messages': out.dropped_messages}
+
+
+_WORD_TASKS = {  # name: (answer function, phrasings); the last `num_heldout_templates` of each
+    # are valid-only: they reword the request ('Can you ...?', 'I need ...') but keep its key word,
+    # so that the task stays recognizable
+    'reverse': (lambda w: w[::-1], (
+        'Reverse {w}.', 'Write {w} backwards.', 'What is {w} reversed?', 'Spell {w} backwards.',
+        'Reverse the letters of {w}', 'Please reverse {w}.', '{w} reversed, please.',
+        'Can you write {w} backwards?', 'I need {w} reversed.')),
+    'upper': (lambda w: w.upper(), (
+        'Uppercase {w}.', 'Write {w} in capitals.', 'What is {w} in uppercase?', 'Spell {w} in capitals.',
+        'Capitalize the letters of {w}', 'Please uppercase {w}.', '{w} in capitals, please.',
+        'Can you write {w} in capitals?', 'I need {w} in uppercase.')),
+    'dashes': (lambda w: '-'.join(w), (
+        'Dash {w}.', 'Write {w} with dashes.', 'What is {w} with dashes?', 'Spell {w} with dashes.',
+        'Put dashes between the letters of {w}', 'Please dash {w}.', '{w} with dashes, please.',
+        'Can you write {w} with dashes?', 'I need {w} with dashes.')),
+}
+_WORD_SYSTEM_PROMPTS = ('You transform words. Reply with the result only.',
+                        'Answer with the transformed word and nothing else.')
+
+
+class WordChat:
+    """Chat documents like ArithmeticChat's, about string transformations of a random lowercase
+    word (reverse it, upper-case it, spell it with dashes): [system?] then 1..max_turns
+    exchanges. Every word of a valid conversation is held out of training (hashed, seed-
+    independent), and so are the last phrasings of each task."""
+
+    unbounded = True
+
+    def __init__(self, cfg, split: str, tokenizer, *, seed: int, loss_policy: str,
+                 add_bos: bool = True, seq_len: int | None = None, chat_overflow: str = 'none', **_):
+        tasks = [t.strip() for t in str(cfg.tasks).split(',') if t.strip()]
+        if not tasks or set(tasks) - set(_WORD_TASKS):
+            raise ValueError(f'data.word_chat.tasks must be a comma-separated subset of {sorted(_WORD_TASKS)}')
+        if not 1 <= cfg.min_letters <= cfg.max_letters:
+            raise ValueError('data.word_chat needs 1 <= min_letters <= max_letters')
+        if not 0 < cfg.valid_fraction < 1:
+            raise ValueError('data.word_chat.valid_fraction must be in (0, 1)')
+        phrasings = min(len(_WORD_TASKS[t][1]) for t in tasks)
+        if not 0 <= cfg.num_heldout_templates < phrasings:
+            raise ValueError(f'data.word_chat.num_heldout_templates must be < {phrasings}')
+        if cfg.max_turns < 1:
+            raise ValueError(f'data.word_chat.max_turns must be >= 1, got {cfg.max_turns}')
+        self.tasks, self.split, self.seed, self.tokenizer = tasks, split, seed, tokenizer
+        self.alphabet = str(cfg.alphabet)
+        self.min_letters, self.max_letters, self.max_turns = int(cfg.min_letters), int(cfg.max_letters), int(cfg.max_turns)
+        self.valid_fraction, self.system_prompt_prob = cfg.valid_fraction, cfg.system_prompt_prob
+        self.heldout_templates = int(cfg.num_heldout_templates)
+        self.loss_policy, self.add_bos, self.overflow = loss_policy, add_bos, chat_overflow
+        self.max_tokens = None if seq_len is None else seq_len + 1
+
+    def __len__(self) -> int:
+        return NUM_DOCUMENTS
+
+    def is_heldout(self, word: str) -> bool:
+        """Whether `word` belongs to the valid split (seed-independent hash of its letters)."""
+        code = int.from_bytes(word.encode(), 'little') * 0x100000001B3 + len(word)
+        return _splitmix64(code) / 2.0**64 < self.valid_fraction
+
+    def _templates(self, task: str) -> tuple[str, ...]:
+        templates = _WORD_TASKS[task][1]
+        cut = len(templates) - self.heldout_templates
+        return templates if self.split == 'valid' else templates[:cut]
+
+    def _exchange(self, uniform) -> tuple[tuple[str, str], str, str, list[float]]:
+        """((task, word), question, answer, 2 spare uniforms) from a stream of uniforms."""
+        want_heldout, j = self.split == 'valid', 0
+        span = self.max_letters - self.min_letters + 1
+        for j in range(0, 500_000, 16):  # rejection: a word of this split
+            n = self.min_letters + int(uniform(j) * span)
+            word = ''.join(self.alphabet[int(uniform(j + 1 + k) * len(self.alphabet))] for k in range(n))
+            if self.is_heldout(word) == want_heldout:
+                break
+        else:
+            raise RuntimeError('word_chat: could not draw a word for this split')
+        u = [uniform(j + 13 + t) for t in range(5)]
+        task = self.tasks[int(u[0] * len(self.tasks))]
+        templates = self._templates(task)
+        question = templates[int(u[1] * len(templates))].format(w=word)
+        return (task, word), question, _WORD_TASKS[task][0](word), u[2:4]
+
+    def example(self, i: int) -> dict:
+        """{'messages', 'answer', 'problem': (task, word), 'problems'}: as ArithmeticChat.example."""
+        key = document_key(self.split, self.seed, i) * 1_000_003
+        stream = (lambda k: (lambda j: _splitmix64(k + j) / 2.0**64))
+        uniform = stream(key)
+        turns = 1 + int(uniform(999_999) * self.max_turns) if self.max_turns > 1 else 1
+        messages, problems = [], []
+        for turn in range(turns):
+            turn_uniform = uniform if turn == 0 else stream(_splitmix64(key ^ (turn << 56)))
+            problem, question, answer, spare = self._exchange(turn_uniform)
+            if turn == 0 and spare[0] < self.system_prompt_prob:
+                messages.append({'role': 'system',
+                                 'content': _WORD_SYSTEM_PROMPTS[int(spare[1] * len(_WORD_SYSTEM_PROMPTS))]})
+            messages += [{'role': 'user', 'content': question}, {'role': 'assistant', 'content': answer}]
+            problems.append(problem)
+        return {'messages': messages, 'answer': answer, 'problem': problems[-1], 'problems': problems}
+
+    def document(self, i: int) -> dict:
+        out = chat.render_conversation(self.example(i)['messages'], self.tokenizer,
+                                       loss_policy=self.loss_policy, add_bos=self.add_bos,
+                                       max_tokens=self.max_tokens, overflow=self.overflow,
+                                       where=f'word_chat:{self.split}:{i}')
+        return {'tokens': out.tokens, 'weights': out.weights, 'dropped_messages': out.dropped_messages}

@@ -1,0 +1,409 @@
+"""Sampling from the Transformer: logit filters and a jit-compiled decode loop over its KV cache.
+
+Logit filters
+-------------
+Pure ``jax.numpy`` functions of logits ``x [..., V]`` (computed in float32). A dropped token gets
+logit −∞, so the sampled distribution is the softmax of what is left, i.e. renormalized.
+``filter_logits`` composes them in this order:
+
+1. temperature  ``x / T`` for ``T > 0``. ``T = 0`` is greedy: only ``argmax x`` (the first index
+   on ties) is kept, a point mass.
+2. top-k        keep ``x_v ≥ x_(k)``, the k-th largest logit. ``k = 0`` or ``k ≥ V``: off. Every token
+   tied with ``x_(k)`` is kept, so more than k may survive: equal logits are never split by id.
+3. top-p        with ``q = softmax(x)`` sorted ``q_(1) ≥ q_(2) ≥ …``, let m be the smallest count with
+   ``Σ_{j≤m} q_(j) ≥ p`` (the nucleus); keep every v with ``q_v ≥ q_(m)`` (ties with the last
+   member kept, as in top-k). ``p = 1``: off.
+4. min-p        keep ``q_v ≥ min_p · max_u q_u`` (q after steps 1–3). ``min_p = 0``: off.
+
+The argmax survives every filter, so no setting empties the distribution. Top-p sees the
+distribution left by top-k; min-p is a ratio test, unchanged by renormalization.
+
+Decoding
+--------
+Prompts of different lengths are LEFT-padded to a common length P (pad: token 0, segment 0, never
+attended to; real tokens: segment 1, positions 0, 1, … from each row's first real token), so every
+row's next token goes into the same cache slot. The prompt fills slots 0 … P−1 in one forward call;
+generated token i is sampled from the logits of step i and fed back at slot P+i, position
+``len(prompt)+i``. The forward call is ``model.decode`` (the model's own attention code, masking by
+cache slot and segment, a scan over stacked layers), or on CPU by default the same Block modules
+run unrolled over per-layer copies of the parameters (``split_layers``: XLA:CPU would otherwise
+copy every layer's weights out of the stacked array at every step, about 4× slower). The cache has
+``max_len ≥ P + max_new_tokens`` slots, all of them attended over (masked) at every step, so the
+cost per token does not grow with the generated length.
+
+The loop is a ``lax.while_loop`` inside ``jax.jit``, stopping when all rows have produced a stop
+token or ``max_new_tokens`` tokens. A row that stopped keeps running (batched) but its outputs are
+discarded (stored as −1). Knobs (temperature, top-k, top-p, min-p, seed) are traced values, so
+changing them does not recompile; compiled functions are cached by jit per model structure and
+shape (P is rounded up to a power of two, at least 16, when max_len allows).
+
+Streaming: with ``chunk_size=n`` the same compiled loop runs for at most n tokens per call, the
+state (cache included, donated) is handed back, ``on_chunk`` gets the new tokens, and the next call
+continues. Sampling randomness is keyed by (seed, row, step), so chunking never changes the text:
+the same seed gives the same text, and a row's text does not depend on the other rows (up to float
+rounding: its logits agree to ~1e-6 whatever the padding).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Array = jax.Array
+F32 = jnp.float32
+_MIN_PROMPT_PAD = 16  # P, the padded prompt length, is a power of two ≥ this (when max_len allows)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How tokens are drawn; see the module docstring for the filter math and order."""
+
+    temperature: float = 1.0  # ≥ 0; 0: greedy (argmax)
+    top_k: int = 0  # ≥ 0; 0: off
+    top_p: float = 1.0  # in (0, 1]; 1: off
+    min_p: float = 0.0  # in [0, 1]; 0: off
+    max_new_tokens: int = 64  # ≥ 1; tokens generated per prompt, stop token included
+    stop_ids: tuple[int, ...] = ()  # end-of-sequence / end-of-turn ids: a row stops after one
+
+    def __post_init__(self):
+        object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
+        problems = []
+        if not _is_real(self.temperature) or not self.temperature >= 0:
+            problems.append(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature!r}")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            problems.append(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
+        if not _is_real(self.min_p) or not 0 <= self.min_p <= 1:
+            problems.append(f"min_p must be in [0, 1] (0 = off), got {self.min_p!r}")
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if problems:
+            raise ValueError("SamplingConfig: " + "; ".join(problems))
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+# -- logit filters ----------------------------------------------------------------------------------
+
+
+def _drop(logits: Array, keep: Array) -> Array:
+    return jnp.where(keep, logits, -jnp.inf)
+
+
+def apply_temperature(logits: Array, temperature) -> Array:
+    """[..., V] → [..., V] float32: ``x / T`` for T > 0; for T = 0 only the first argmax stays finite."""
+    logits = logits.astype(F32)
+    t = jnp.asarray(temperature, F32)
+    scaled = logits / jnp.where(t > 0, t, 1.0)
+    first_max = jnp.arange(logits.shape[-1]) == jnp.argmax(logits, axis=-1)[..., None]
+    return jnp.where(t > 0, scaled, _drop(logits, first_max))
+
+
+def top_k_filter(logits: Array, k) -> Array:
+    """[..., V] → [..., V]: keep ``x_v ≥ x_(k)`` (the k-th largest, ties kept); k = 0 or k ≥ V: no-op."""
+    logits = logits.astype(F32)
+    vocab = logits.shape[-1]
+    k = jnp.asarray(k, jnp.int32)
+    descending = -jnp.sort(-logits, axis=-1)
+    kth = jnp.take(descending, jnp.clip(k, 1, vocab) - 1, axis=-1)[..., None]
+    off = (k <= 0) | (k >= vocab)
+    return jnp.where(off, logits, _drop(logits, logits >= kth))
+
+
+def top_p_filter(logits: Array, p) -> Array:
+    """[..., V] → [..., V]: keep the nucleus, the fewest most-likely tokens with mass ≥ p; p ≥ 1: no-op.
+
+    Sorted ``q_(1) ≥ q_(2) ≥ …``: token j of the sorted order is in the nucleus iff the mass
+    before it, ``Σ_{i<j} q_(i)``, is still < p. With m members, keep ``q_v ≥ q_(m)``.
+    """
+    logits = logits.astype(F32)
+    p = jnp.asarray(p, F32)
+    probs = jax.nn.softmax(logits, axis=-1)
+    descending = -jnp.sort(-probs, axis=-1)
+    mass_before = jnp.concatenate(  # exact exclusive cumsum: 0, q_(1), q_(1)+q_(2), …
+        [jnp.zeros_like(descending[..., :1]), jnp.cumsum(descending[..., :-1], axis=-1)], axis=-1)
+    members = jnp.sum(mass_before < p, axis=-1, keepdims=True)  # m ≥ 1 since 0 < p
+    last_member = jnp.take_along_axis(descending, jnp.maximum(members, 1) - 1, axis=-1)
+    return jnp.where(p >= 1, logits, _drop(logits, probs >= last_member))
+
+
+def min_p_filter(logits: Array, min_p) -> Array:
+    """[..., V] → [..., V]: keep ``q_v ≥ min_p · max_u q_u`` with q = softmax(x); min_p = 0: no-op."""
+    logits = logits.astype(F32)
+    min_p = jnp.asarray(min_p, F32)
+    probs = jax.nn.softmax(logits, axis=-1)
+    keep = probs >= min_p * jnp.max(probs, axis=-1, keepdims=True)
+    return jnp.where(min_p <= 0, logits, _drop(logits, keep))
+
+
+def filter_logits(logits: Array, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) -> Array:
+    """[..., V] → [..., V] float32: temperature, then top-k, top-p, min-p (module docstring)."""
+    logits = apply_temperature(logits, temperature)
+    logits = top_k_filter(logits, top_k)
+    logits = top_p_filter(logits, top_p)
+    return min_p_filter(logits, min_p)
+
+
+def sample_token(key: Array, logits: Array, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) -> Array:
+    """One draw from softmax(filter_logits(x)) per row: logits [..., V] → int32 [...]; T = 0: argmax x."""
+    filtered = filter_logits(logits, temperature, top_k, top_p, min_p)
+    drawn = jax.random.categorical(key, filtered, axis=-1)  # Gumbel-max: exact for the softmax
+    greedy = jnp.argmax(logits, axis=-1)
+    return jnp.where(jnp.asarray(temperature) == 0, greedy, drawn).astype(jnp.int32)
+
+
+# -- the decode loop ----------------------------------------------------------------------------
+
+
+def _sample_rows(row_keys: Array, step: Array, logits: Array, knobs: dict[str, Array]) -> Array:
+    """logits [B, V] → tokens [B], row b keyed by fold_in(row_keys[b], step)."""
+    def one(key, row_logits):
+        return sample_token(jax.random.fold_in(key, step), row_logits, **knobs)
+    return jax.vmap(one)(row_keys, logits)
+
+
+def _is_stop(tokens: Array, stop_ids: Array) -> Array:
+    return jnp.any(tokens[:, None] == stop_ids[None, :], axis=-1)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["params"], meta_fields=["graphdef"])
+@dataclasses.dataclass(frozen=True)
+class _Layers:
+    """The blocks' parameters split per layer, for the unrolled path (a pytree; graphdef is static)."""
+
+    graphdef: nnx.GraphDef  # of one Block
+    params: tuple  # L pytrees of one layer's parameters each
+
+
+def split_layers(graphdef, params) -> _Layers:
+    """Copy the stacked block parameters [L, ...] into L per-layer pytrees (outside jit, once per call).
+
+    Why: inside a layer loop XLA:CPU copies each layer's weights out of the stacked array before its
+    matmuls (about 3× the parameter bytes read per token, benchmarks/results/sampling.md); separate
+    buffers are read in place. Costs one extra copy of the block parameters while generating.
+    """
+    model = nnx.merge(graphdef, params)
+    block_graphdef, stacked = nnx.split(model.blocks)
+    num_layers = model.cfg.num_layers
+    return _Layers(block_graphdef, tuple(jax.tree.map(lambda x: x[i], stacked) for i in range(num_layers)))
+
+
+def _init_cache(model, batch: int, max_len: int, unrolled: bool):
+    cache = model.init_cache(batch, max_len)
+    if not unrolled:
+        return cache
+    kv = tuple((cache["k"][i], cache["v"][i]) for i in range(model.cfg.num_layers))
+    return {"kv": kv, "segment_ids": cache["segment_ids"]}
+
+
+def _forward(model, layers: _Layers | None, inputs, positions, segment_ids, cache, cache_index):
+    """`model.decode` (layers None), or the same computation with the layer loop unrolled over
+    per-layer parameters and caches, calling the model's own Block (its attention code) per layer.
+    inputs, positions, segment_ids [B, T] → (logits of the last position [B, V] float32, cache)."""
+    if layers is None:
+        logits, cache = model.decode(inputs, positions, segment_ids, cache, cache_index)
+        return logits[:, -1].astype(F32), cache
+    kv_segment_ids = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids, (0, cache_index))
+    x = jnp.take(model.embed[...], inputs, axis=0).astype(model.cfg.compute_dtype)
+    q_index = (cache_index + jnp.arange(inputs.shape[1], dtype=jnp.int32))[None, :]
+    new_kv = []
+    for layer_params, layer_kv in zip(layers.params, cache["kv"]):
+        block = nnx.merge(layers.graphdef, layer_params)
+        x, layer_kv = block(x, positions, segment_ids, q_index, layer_kv, kv_segment_ids, cache_index)
+        new_kv.append(layer_kv)
+    logits = model.logits_from_hidden(model.final_norm(x[:, -1]))  # only the last position is sampled
+    return logits.astype(F32), {"kv": tuple(new_kv), "segment_ids": kv_segment_ids}
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_len", "max_new_tokens", "keep_logits"))
+def _prefill(graphdef, params, layers, prompt, knobs, stop_ids, key, *, max_len, max_new_tokens, keep_logits):
+    """Run the padded prompt through an empty cache and sample token 0: returns the loop state."""
+    model = nnx.merge(graphdef, params)
+    tokens, positions, segment_ids = prompt["tokens"], prompt["positions"], prompt["segment_ids"]
+    batch, prompt_len = tokens.shape
+    cache = _init_cache(model, batch, max_len, unrolled=layers is not None)
+    logits, cache = _forward(model, layers, tokens, positions, segment_ids, cache, jnp.int32(0))
+    # left padding puts every row's last real token at P−1: logits [B, V] are each row's next token's
+    row_keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(batch))
+    token = _sample_rows(row_keys, 0, logits, knobs)
+    state = {
+        "cache": cache,
+        "tokens": jnp.full((batch, max_new_tokens), -1, jnp.int32).at[:, 0].set(token),
+        "done": _is_stop(token, stop_ids),
+        "step": jnp.int32(1),  # tokens produced so far (per row, until it stops)
+        "lengths": prompt["lengths"],
+        "prompt_len": jnp.int32(prompt_len),
+        "row_keys": row_keys,
+    }
+    if keep_logits:
+        state["logits"] = jnp.zeros((batch, max_new_tokens, logits.shape[-1]), F32).at[:, 0].set(logits)
+    return state
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("state",))
+def _decode_chunk(graphdef, params, layers, state, knobs, stop_ids, stop_at):
+    """Continue the loop until `step` reaches `stop_at` or every row is done; returns the state."""
+    max_new_tokens = state["tokens"].shape[1]
+
+    def cond(s):
+        return (s["step"] < jnp.minimum(stop_at, max_new_tokens)) & ~jnp.all(s["done"])
+
+    def body(s):
+        model = nnx.merge(graphdef, params)
+        i = s["step"]
+        previous = jax.lax.dynamic_index_in_dim(s["tokens"], i - 1, axis=1, keepdims=True)  # [B, 1]
+        previous = jnp.maximum(previous, 0)  # stopped rows hold −1: feed any valid id
+        positions = (s["lengths"] + i - 1)[:, None]
+        logits, cache = _forward(model, layers, previous, positions, jnp.ones_like(previous), s["cache"],
+                                 s["prompt_len"] + i - 1)
+        token = _sample_rows(s["row_keys"], i, logits, knobs)
+        token = jnp.where(s["done"], -1, token)
+        s = dict(s, cache=cache, step=i + 1, done=s["done"] | _is_stop(token, stop_ids),
+                 tokens=jax.lax.dynamic_update_index_in_dim(s["tokens"], token, i, axis=1))
+        if "logits" in s:
+            s["logits"] = jax.lax.dynamic_update_index_in_dim(s["logits"], logits, i, axis=1)
+        return s
+
+    return jax.lax.while_loop(cond, body, state)
+
+
+class Generation(NamedTuple):
+    """What `generate_batch` returns (numpy, on the host)."""
+
+    tokens: np.ndarray  # [B, max_new_tokens] int32; −1 after a row's stop token
+    lengths: np.ndarray  # [B] tokens generated per row, stop token included
+    logits: np.ndarray | None  # [B, max_new_tokens, V] float32 logits each token was drawn from
+
+
+def _split(graphdef_or_model, params):
+    if isinstance(graphdef_or_model, nnx.Module):
+        return nnx.split(graphdef_or_model)
+    if params is None:
+        raise ValueError("generate: params is None; pass (graphdef, params) or (model, None)")
+    return graphdef_or_model, params
+
+
+def prepare_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, max_new_tokens: int,
+                    max_len: int | None) -> tuple[dict[str, np.ndarray], int]:
+    """Check and LEFT-pad prompts: returns ({tokens, positions, segment_ids: [B, P], lengths: [B]}, max_len).
+
+    Raises ValueError, before anything is compiled, for no prompts, an empty prompt, an id outside
+    [0, vocab_size), or a prompt that with max_new_tokens does not fit in max_len cache slots.
+    """
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
+        raise ValueError(f"prompts must be a non-empty list of token-id lists, got {type(prompts).__name__}"
+                         f"{'' if not isinstance(prompts, Sequence) else ' of length ' + str(len(prompts))}")
+    if max_len is not None and (not _is_int(max_len) or max_len < 2):
+        raise ValueError(f"max_len must be an integer >= 2 or None, got {max_len!r}")
+    rows = []
+    for r, prompt in enumerate(prompts):
+        ids = np.asarray(prompt)
+        if ids.ndim != 1 or ids.size == 0:
+            raise ValueError(f"prompt {r} is empty or not a flat list of token ids (shape {ids.shape}); "
+                             "every prompt needs at least one token (e.g. a beginning-of-sequence id)")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"prompt {r} holds non-integer values (dtype {ids.dtype})")
+        bad = (ids < 0) | (ids >= vocab_size)
+        if bad.any():
+            j = int(np.argmax(bad))
+            raise ValueError(f"prompt {r}, token {j}: id {int(ids[j])} is outside the vocabulary [0, {vocab_size})")
+        rows.append(ids.astype(np.int32))
+    longest = max(len(ids) for ids in rows)
+    bucket = max(_MIN_PROMPT_PAD, 1 << (longest - 1).bit_length())  # few shapes: few compilations
+    if max_len is None:
+        max_len = bucket + max_new_tokens
+    if longest + max_new_tokens > max_len:
+        r = int(np.argmax([len(ids) for ids in rows]))
+        what = "is longer than" if longest > max_len else f"plus max_new_tokens={max_new_tokens} exceeds"
+        raise ValueError(f"prompt {r} has {longest} tokens, which {what} max_len={max_len}; shorten the prompt, "
+                         "lower max_new_tokens or raise max_len")
+    padded_len = min(bucket, max_len - max_new_tokens)
+    batch = len(rows)
+    out = {name: np.zeros((batch, padded_len), np.int32) for name in ("tokens", "positions", "segment_ids")}
+    for r, ids in enumerate(rows):
+        start = padded_len - len(ids)
+        out["tokens"][r, start:] = ids
+        out["positions"][r, start:] = np.arange(len(ids))
+        out["segment_ids"][r, start:] = 1
+    out["lengths"] = np.array([len(ids) for ids in rows], np.int32)
+    return out, max_len
+
+
+def generate_batch(graphdef_or_model, params, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *,
+                   seed: int, max_len: int | None = None, chunk_size: int | None = None,
+                   on_chunk: Callable[[list[list[int]]], None] | None = None,
+                   keep_logits: bool = False, unroll_layers: bool | None = None) -> Generation:
+    """Sample continuations of `prompts` (lists of token ids); see the module docstring.
+
+    max_len: cache slots (≥ longest prompt + max_new_tokens; None: just enough). chunk_size:
+    tokens per jitted call (None: all in one); after each call `on_chunk(new)` gets, per row, the
+    tokens produced by it (stopped rows: []). keep_logits: also return every step's logits [B, N, V].
+    unroll_layers: run the layers unrolled over per-layer parameter copies (`split_layers`) instead
+    of `model.decode`'s scan over the stacked ones; None: unrolled on CPU, where it is faster.
+    """
+    if not isinstance(sampling, SamplingConfig):
+        raise TypeError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
+    if not _is_int(seed):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    if chunk_size is not None and (not _is_int(chunk_size) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+    graphdef, params = _split(graphdef_or_model, params)
+    model = nnx.merge(graphdef, params)  # on the host: only to read the config
+    if not all(hasattr(model, name) for name in ("cfg", "init_cache", "decode", "blocks")):
+        raise TypeError(f"generate needs an lm.model.Transformer (or its graphdef), got {type(model).__name__}")
+    vocab_size = model.cfg.vocab_size
+    if any(not 0 <= i < vocab_size for i in sampling.stop_ids):
+        raise ValueError(f"stop_ids {sampling.stop_ids} must lie in [0, {vocab_size})")
+    new_tokens = sampling.max_new_tokens
+    prompt, max_len = prepare_prompts(prompts, vocab_size, new_tokens, max_len)
+    knobs = {"temperature": np.float32(sampling.temperature), "top_k": np.int32(sampling.top_k),
+             "top_p": np.float32(sampling.top_p), "min_p": np.float32(sampling.min_p)}
+    slots = -(-len(sampling.stop_ids) // 4) * 4  # padded with −1 (never sampled): fewer recompiles
+    stop_ids = np.full((max(slots, 4),), -1, np.int32)
+    stop_ids[:len(sampling.stop_ids)] = sampling.stop_ids
+    key = jax.random.key(np.uint32(seed % 2**32))
+    if unroll_layers is None:
+        unroll_layers = jax.default_backend() == "cpu"
+    layers = split_layers(graphdef, params) if unroll_layers else None
+    state = _prefill(graphdef, params, layers, prompt, knobs, stop_ids, key, max_len=max_len,
+                     max_new_tokens=new_tokens, keep_logits=keep_logits)
+    chunk = new_tokens if chunk_size is None else chunk_size
+    stop_at, emitted, step = 0, 0, 1  # the prefill produced token 0
+    while True:
+        stop_at = min(stop_at + chunk, new_tokens)
+        if stop_at > step:
+            state = _decode_chunk(graphdef, params, layers, state, knobs, stop_ids, np.int32(stop_at))
+        step, all_done = int(state["step"]), bool(jnp.all(state["done"]))
+        if on_chunk is not None:
+            block = np.asarray(state["tokens"][:, emitted:step])
+            on_chunk([[int(t) for t in row if t >= 0] for row in block])
+        emitted = step
+        if all_done or step >= new_tokens:
+            break
+    tokens = np.asarray(state["tokens"])
+    lengths = (tokens >= 0).sum(axis=1).astype(np.int32)
+    logits = np.asarray(state["logits"]) if keep_logits else None
+    return Generation(tokens=tokens, lengths=lengths, logits=logits)
+
+
+def generate(graphdef_or_model, params, prompts: list[list[int]], sampling: SamplingConfig, *, seed: int,
+             max_len: int | None = None) -> list[list[int]]:
+    """The generated continuation (without the prompt) of each prompt, its stop token included if hit.
+
+    `graphdef_or_model, params`: `nnx.split(model)`, or `(model, None)`. Same seed → same output.
+    """
+    out = generate_batch(graphdef_or_model, params, prompts, sampling, seed=seed, max_len=max_len)
+    return [row[:n].tolist() for row, n in zip(out.tokens, out.lengths)]
