@@ -97,7 +97,14 @@ def truncate_after(path: str, step: int) -> None:
         return
     with open(path) as f:
         lines = f.readlines()
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+
+    def keep(line: str) -> bool:  # a line cut off mid-write (crash, full disk) is dropped, not fatal
+        try:
+            return line.endswith("\n") and json.loads(line)["step"] <= step
+        except (ValueError, KeyError, TypeError):
+            return False
+
+    kept = [line for line in lines if keep(line)]
     if len(kept) != len(lines):
         with open(path, "w") as f:
             f.writelines(kept)

@@ -15,9 +15,9 @@ params only); `check_init_checkpoint` refuses a checkpoint whose tokenizer (kind
 vocabulary, special-token ids) differs from the one configured here.
 
 After training, `after_training` decodes greedily on held-out prompts of the built-in
-arithmetic chat task (lm/data/synthetic.py: ArithmeticChat) and reports the exact-match
-accuracy of the answers, and how often the model, let run past its <|end_of_turn|>,
-writes a user turn itself.
+synthetic chat tasks (lm/data/synthetic.py: WordChat, ArithmeticChat) and reports the
+exact-match accuracy of the answers, and how often the model, let run past its
+<|end_of_turn|>, writes a user turn itself.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import numpy as np
 
 from lm.objectives import pretrain
 
-CHAT_SOURCES = ("arithmetic_chat", "chat_jsonl")
+CHAT_SOURCES = ("arithmetic_chat", "word_chat", "chat_jsonl")
 
 
 # -- the loss ---------------------------------------------------------------------------------------
@@ -157,7 +157,7 @@ def _process_seconds() -> tuple[float, float] | None:
 
 
 def after_training(config: Any, result: Any, tokenizer: Any, workdir: str) -> dict:
-    """Exact match of greedily decoded answers on held-out prompts (arithmetic_chat); printed with
+    """Exact match of greedily decoded answers on held-out prompts (synthetic chat sources); printed with
     a few example conversations. Returns the entries added to summary.json."""
     from lm import data
 
