@@ -7,9 +7,10 @@ vocabulary 264 (tied embeddings). A random 16-token prompt per row, 512 generate
 * cached: `lm.sampling.generate_batch` (prefill + one jitted while_loop over the cache), with the
   layers unrolled over per-layer parameter copies (the CPU default) and through `model.decode`
   (a scan over the stacked layers; one timed run). Total time is the best of `--repeats` runs
-  after a compiling warm-up; per-token times for the first and last 128 tokens come from as many
-  runs in chunks of 128 (best per chunk; chunk 1 includes the prefill). Every time here is a best
-  of several runs and every bandwidth the best measured, since other processes share the machine.
+  after a compiling warm-up; per-token times come from as many runs in chunks of 32 tokens (the
+  best run of each chunk): the first and last 128 tokens (chunk 1 includes the prefill) and the
+  steady state (median chunk after the first). Every time here is a best of several runs and every
+  bandwidth the best measured, since other processes share the machine.
 * recompute: every step runs the model over the whole prefix (prompt + tokens so far; hidden
   states of all positions, logits of the last only) and samples the next token, the same sampler.
   The prefix is right-padded to a multiple of 64 (9 compiled shapes). The cost of a step depends
@@ -19,7 +20,7 @@ vocabulary 264 (tied embeddings). A random 16-token prompt per row, 512 generate
 * bandwidth bound (batch 1): a decode step must read every parameter once (4 bytes each; the
   tied embedding is read whole by the output projection). Read bandwidth is measured in the same
   run as the faster of a jitted sum and a jitted matrix-vector product over a 512 MiB float32
-  array; bound = parameter bytes / bandwidth, and "% of bound" = bound / measured time per token.
+  array; bound = parameter bytes / bandwidth, and "% of bound" = bound / steady time per token.
 
     python benchmarks/bench_sampling.py                  # the table in benchmarks/results/sampling.md
     python benchmarks/bench_sampling.py --new-tokens 64 --batches 1 --repeats 1   # quick
@@ -43,7 +44,8 @@ from flax import nnx  # noqa: E402
 from lm import sampling  # noqa: E402
 from lm.model import ModelConfig, Transformer, param_count  # noqa: E402
 
-BUCKET = 64
+BUCKET = 64  # recompute: prefix widths are padded to a multiple of this
+CHUNK = 32  # cached: tokens per timed chunk
 CFG = ModelConfig(vocab_size=264, d_model=512, num_layers=8, num_heads=8, num_kv_heads=4, mlp_dim=1376)
 
 
@@ -87,12 +89,13 @@ def time_cached(graphdef, params, prompts, cfg, repeats, unroll_layers):
     chunk_times = []
     for rep in range(repeats + 1):  # the first run compiles the chunked call
         marks = [time.perf_counter()]
-        sampling.generate_batch(graphdef, params, prompts, cfg, chunk_size=128,
+        sampling.generate_batch(graphdef, params, prompts, cfg, chunk_size=CHUNK,
                                 on_chunk=lambda new: marks.append(time.perf_counter()), **kwargs)
         if rep:
             chunk_times.append(np.diff(marks))
-    chunk_times = np.min(chunk_times, axis=0)
-    return total, chunk_times[0] / 128, chunk_times[-1] / 128
+    per_token = np.min(chunk_times, axis=0) / CHUNK  # [chunks]: the best run of each chunk
+    per_128 = 128 // CHUNK
+    return total, per_token[:per_128].mean(), per_token[-per_128:].mean(), float(np.median(per_token[1:]))
 
 
 def make_recompute_step(graphdef):
@@ -180,31 +183,33 @@ def main(argv=None):
                                                       args.recompute_reps, args.full_recompute)
         for unroll, name in ((True, "cached, layers unrolled (CPU default)"), (False, "cached, model.decode (scan)")):
             repeats = args.repeats if unroll else 1  # the scan path is shown for comparison only
-            cached, first, last = time_cached(graphdef, params, prompts, cfg, repeats, unroll)
-            rows.append((batch, name, cached, first, last))
+            cached, first, last, steady = time_cached(graphdef, params, prompts, cfg, repeats, unroll)
+            rows.append((batch, name, cached, first, last, steady))
             bandwidths.append(read_bandwidth())
         rows.append((batch, "recompute" + ("" if args.full_recompute else " (per-shape estimate)"), recompute,
-                     re_first, re_last))
+                     re_first, re_last, recompute / args.new_tokens))
         recompute_time[batch] = recompute
         print(f"batch {batch} done", file=sys.stderr)
 
     header = ("| batch | decoder | s for 512 tokens | tokens/s | ms/token, first 128 | ms/token, last 128 "
-              "| speedup vs recompute | % of bandwidth bound |\n|---|---|---|---|---|---|---|---|")
+              "| speedup vs recompute | ms/token, steady | % of bandwidth bound |\n|---|---|---|---|---|---|---|---|---|")
     header = header.replace("512", str(args.new_tokens))
     best = max(max(b.values()) for b in bandwidths)
     bound = param_bytes / best  # seconds per decode step, at any batch
     lines = [header] + [
         f"| {b} | {name} | {t:.2f} | {b * args.new_tokens / t:,.0f} | {first * 1e3:.2f} | {last * 1e3:.2f} "
-        f"| {recompute_time[b] / t:.1f}× | {bound / (t / args.new_tokens) * 100:.0f}% |"
-        for b, name, t, first, last in rows]
+        f"| {recompute_time[b] / t:.1f}× | {steady * 1e3:.2f} | {bound / steady * 100:.0f}% |"
+        for b, name, t, first, last, steady in rows]
     table = "\n".join(lines)
     measured = ", ".join(f"{b['reduce'] / 1e9:.1f}/{b['gemv'] / 1e9:.1f}" for b in bandwidths)
     notes = (f"Parameters: {param_count(params):,} ({param_bytes / 2**20:.1f} MiB float32). Read bandwidth "
              f"over 512 MiB float32, sum/matrix-vector in GB/s, measured before and after every cached run: "
              f"{measured}; the best, {best / 1e9:.1f} GB/s, gives the bound {bound * 1e3:.2f} ms per "
              f"decode step (parameters read once per step, whatever the batch). Prompt {args.prompt_len} "
-             f"tokens, {args.new_tokens} generated, temperature 1, top-p 0.95; the cached 'first 128' "
-             "includes the prefill. ms/token is per decode step (all rows); tokens/s counts all rows.")
+             f"tokens, {args.new_tokens} generated, temperature 1, top-p 0.95. ms/token is per decode step "
+             f"(all rows; tokens/s counts all rows). Cached per-token times come from runs in chunks of {CHUNK} "
+             f"tokens, the best run of each chunk; 'first 128' includes the prefill; 'steady' is the median "
+             f"chunk after the first, and '% of bandwidth bound' = bound / steady (recompute: / its mean).")
     print(table)
     print()
     print(notes)

@@ -39,8 +39,6 @@ from lm import sharding as shd
 GiB = 2**30
 BATCH_DTYPES = {"inputs": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.float32,
                 "segment_ids": jnp.int32, "positions": jnp.int32}
-# per-chip HBM of Cloud TPU generations (GiB), for reports of configs meant for them
-TPU_HBM_GIB = {"v4": 32.0, "v5e": 16.0, "v5p": 95.0, "v6e": 32.0}
 
 
 class DoesNotFit(MemoryError):
