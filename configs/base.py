@@ -33,6 +33,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.tie_embeddings = True  # output projection = token embedding transposed
     m.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16' (parameters stay float32)
     m.remat = False  # recompute block activations in the backward pass (saves memory)
+    m.scan_layers = True  # lax.scan over the stacked blocks; False unrolls them (longer compile, faster on CPU)
+    m.attention_block = 64  # causal attention in blocks of this many queries, skipping masked key blocks; 0: off
     m.init_scale = 1.0  # multiplies every initial standard deviation
 
     # -- loss (lm/losses.py) -----------------------------------------------------------------------

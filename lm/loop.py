@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 
 from lm import checkpoint as ckpt
+from lm import memory
 from lm import metrics as mx
 from lm import preemption
 from lm import sharding as shd
@@ -159,11 +160,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, model_cfg: ModelConf
     _validate(tc, mesh)
     nan_steps = parse_steps(tc.inject.nan_steps)
     optimizer, schedule = make_optimizer(config.optimizer, tc.steps)
-    state, setup = train.create_state(model_cfg, optimizer, mesh, config.mesh.rules, config.seed)
-    n_params = param_count(state.params)
-    _log(f"model: {n_params:,} parameters; mesh {dict(mesh.shape)}; "
-         f"per device: params {shd.per_device_bytes(state.params, setup.state_shardings.params) / 2**20:.1f} MiB, "
-         f"optimizer {shd.per_device_bytes(state.opt_state, setup.state_shardings.opt_state) / 2**20:.1f} MiB")
+    setup = train.plan_state(model_cfg, optimizer, mesh, config.mesh.rules, config.seed)
+    n_params = param_count(setup.abstract_state.params)
+    _log(f"model: {n_params:,} parameters; mesh {dict(mesh.shape)}")
+    # compiled on abstract inputs before any array exists: a step that cannot fit fails here,
+    # with the per-device bytes of parameters, optimizer state and temporaries
+    step_fn = memory.compile_and_check(
+        train.jit_train_step(train.make_train_step(make_loss_fn(setup.graphdef), optimizer, schedule,
+                                                   tc.micro_batches), setup), setup, config, log=_log)
+    state = train.init_state(model_cfg, optimizer, setup, config.seed)
 
     checkpointer = ckpt.Checkpointer(workdir, keep=tc.keep_checkpoints, async_save=tc.async_checkpointing,
                                      config=config, save_delay_s=tc.inject.save_delay_s)
@@ -173,8 +178,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, model_cfg: ModelConf
     try:
         state, start, skipped = initial_state(tc, checkpointer, setup, state, optimizer, train_iter)
         writer = mx.MetricsWriter(workdir, wandb_cfg=config.wandb, config=config, resume_step=start)
-        step_fn = train.jit_train_step(train.make_train_step(make_loss_fn(setup.graphdef), optimizer, schedule,
-                                                             tc.micro_batches), setup)
         eval_fn = train.make_eval_step(make_loss_fn(setup.graphdef), setup)
         peak = tc.peak_flops or mx.measure_peak_flops()
         flops_tok = flops_per_token(model_cfg, tc.seq_len)

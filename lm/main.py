@@ -9,6 +9,11 @@ checkpoints/. Running again with the same --workdir resumes from its newest chec
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before jax is imported: glibc settings for XLA:CPU (see lm/runtime.py)
+    from lm.runtime import tune_malloc
+
+    tune_malloc()
+
 import json
 import math
 import os
@@ -36,7 +41,7 @@ def build_model_config(config: ml_collections.ConfigDict, vocab_size: int):
 def train_and_report(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Train `config` in `workdir`; write summary.json and loss.png; print samples. Returns the summary."""
     from lm import checkpoint as ckpt
-    from lm import data, loop, objectives
+    from lm import data, distributed, loop, objectives, sharding
     from lm import report
 
     tokenizer = data.build_tokenizer(config.data)
@@ -46,9 +51,13 @@ def train_and_report(config: ml_collections.ConfigDict, workdir: str) -> dict:
                          f"{tokenizer.vocab_size}")
     objective = objectives.get(config.objective)
     tc = config.train
-    process_batch = tc.batch_size // jax.process_count()
-    common = dict(batch_size=process_batch, seq_len=tc.seq_len, seed=config.seed,
-                  process_index=jax.process_index(), process_count=jax.process_count(), tokenizer=tokenizer)
+    # this process's block of every global batch (processes that share rows load the same data)
+    shard, shards = distributed.batch_shard(sharding.make_mesh(config.mesh)) if jax.process_count() > 1 else (0, 1)
+    if tc.batch_size % shards:
+        raise ValueError(f"train.batch_size={tc.batch_size} must be a multiple of the {shards} processes "
+                         "that feed distinct rows")
+    common = dict(batch_size=tc.batch_size // shards, seq_len=tc.seq_len, seed=config.seed,
+                  process_index=shard, process_count=shards, tokenizer=tokenizer)
     train_iter = data.build_iterator(config.data, split="train", **common)
     valid_batches = lambda: data.build_iterator(config.data, split="valid", **common)  # noqa: E731
     if jax.process_index() == 0:

@@ -20,8 +20,11 @@ jitted function gives a pure forward pass over a plain dict of arrays.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -33,6 +36,34 @@ from lm import masking
 Array = jax.Array
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# -- activation sharding hints ------------------------------------------------------------------------
+# Parameters are laid out by their logical axes (lm.sharding); activations are left to XLA's
+# sharding propagation, which on FSDP meshes may keep a whole batch on every device after it
+# gathers a weight. `constrain` names an activation's logical axes ("batch", "length", "embed",
+# "heads", "kv_heads", "head_dim", "mlp", "vocab"); while tracing inside `activation_sharding(fn)`
+# it pins `x` to `fn(axes, shape)` (a Sharding, or None for no hint). Outside, it is the identity,
+# so the model itself stays mesh-agnostic (decoding and tests on one device never see a hint).
+
+_ACTIVATION_SHARDING: contextvars.ContextVar[Callable | None] = contextvars.ContextVar(
+    "activation_sharding", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(fn: Callable[[tuple, tuple], Any] | None) -> Iterator[None]:
+    """Trace the model under `fn(logical_axes, shape) -> Sharding | None` (see `constrain`)."""
+    token = _ACTIVATION_SHARDING.set(fn)
+    try:
+        yield
+    finally:
+        _ACTIVATION_SHARDING.reset(token)
+
+
+def constrain(x: Array, axes: tuple[str | None, ...]) -> Array:
+    """`x` with a sharding constraint for its logical `axes`, if a hint is active (else `x`)."""
+    fn = _ACTIVATION_SHARDING.get()
+    sharding = None if fn is None else fn(axes, x.shape)
+    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +82,10 @@ class ModelConfig:
     tie_embeddings: bool = True
     dtype: str = "float32"  # compute dtype; parameters are always float32
     remat: bool = False  # recompute each block's activations in the backward pass
+    attention_block: int = 0  # training attention in causal blocks of this many queries, skipping
+    # the key blocks after each (exact; ~(1 + c/T)/2 of the score work); 0: one T×T block
+    scan_layers: bool = True  # apply the stacked blocks with lax.scan (compile time flat in depth);
+    # False unrolls them: a longer compile, but no stacked activation buffers to fill and slice
     init_scale: float = 1.0  # multiplies every initial standard deviation
 
     def __post_init__(self):
@@ -68,6 +103,8 @@ class ModelConfig:
                     f"model.num_kv_heads={self.num_kv_heads} must divide model.num_heads={self.num_heads}")
             if self.head_dim_ % 2:
                 problems.append(f"head dim {self.head_dim_} must be even for rotary embeddings")
+        if self.attention_block is None or self.attention_block < 0:
+            problems.append(f"model.attention_block must be >= 0 (0: off), got {self.attention_block}")
         if self.dtype not in _DTYPES:
             problems.append(f"model.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if problems:
@@ -145,9 +182,9 @@ class Attention(nnx.Module):
         """
         cfg, dt = self.cfg, self.cfg.compute_dtype
         b, t, d = x.shape
-        q = _project(x, self.wq[...].astype(dt))  # [B, T, H, hd]
-        k = _project(x, self.wk[...].astype(dt))  # [B, T, K, hd]
-        v = _project(x, self.wv[...].astype(dt))
+        q = constrain(_project(x, self.wq[...].astype(dt)), ("batch", "length", "heads", "head_dim"))  # [B, T, H, hd]
+        k = constrain(_project(x, self.wk[...].astype(dt)), ("batch", "length", "kv_heads", "head_dim"))
+        v = constrain(_project(x, self.wv[...].astype(dt)), ("batch", "length", "kv_heads", "head_dim"))
         q = rotary(q, positions, cfg.rope_theta)
         k = rotary(k, positions, cfg.rope_theta)
         new_cache = None
@@ -160,16 +197,35 @@ class Attention(nnx.Module):
             new_cache = (ck, cv)
             k, v = ck.astype(dt), cv.astype(dt)
             kv_index = jnp.arange(k.shape[1], dtype=jnp.int32)[None, :]
-        mask = masking.attention_mask(q_segment_ids, kv_segment_ids, q_index, kv_index)  # [B, T, S]
         groups = cfg.num_heads // cfg.num_kv_heads
+        q = q * jnp.asarray(1 / math.sqrt(cfg.head_dim_), q.dtype)  # scale the [T, hd] side, not [T, S]
         q = q.reshape(b, t, cfg.num_kv_heads, groups, cfg.head_dim_)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-        scores = scores / math.sqrt(cfg.head_dim_)
-        scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b * t, cfg.num_heads * cfg.head_dim_)
+        block = cfg.attention_block
+        if kv_cache is not None or not block or t <= block or t % block:
+            mask = masking.attention_mask(q_segment_ids, kv_segment_ids, q_index, kv_index)  # [B, T, S]
+            out = _attend(q, k, v, mask)
+        else:
+            # Causal blocks: queries block i (positions i·c .. i·c+c−1) only need keys 0 .. i·c+c−1;
+            # the keys after them are masked anyway, so skipping them changes no number.
+            outs = []
+            for start in range(0, t, block):
+                stop = start + block
+                mask = masking.attention_mask(q_segment_ids[:, start:stop], kv_segment_ids[:, :stop],
+                                              q_index[:, start:stop], kv_index[:, :stop])
+                outs.append(_attend(q[:, start:stop], k[:, :stop], v[:, :stop], mask))
+            out = jnp.concatenate(outs, axis=1)
+        out = out.reshape(b * t, cfg.num_heads * cfg.head_dim_)
         wo = self.wo[...].astype(dt).reshape(cfg.num_heads * cfg.head_dim_, d)
         return (out @ wo).reshape(b, t, d), new_cache
+
+
+def _attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
+    """Softmax attention of (pre-scaled) queries `q [B, T, K, G, hd]` over `k, v [B, S, K, hd]`
+    where `mask [B, T, S]` allows; scores and softmax in float32. Returns [B, T, K, G, hd]."""
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v)
 
 
 class MLP(nnx.Module):
@@ -186,8 +242,9 @@ class MLP(nnx.Module):
     def __call__(self, x: Array) -> Array:
         dt = self.dtype
         x2 = x.reshape(-1, x.shape[-1])  # [B·T, D]: plain 2-D matmuls, forward and backward
-        gate = jax.nn.silu(x2 @ self.w_gate[...].astype(dt))
-        out = (gate * (x2 @ self.w_up[...].astype(dt))) @ self.w_down[...].astype(dt)
+        gate = jax.nn.silu(constrain(x2 @ self.w_gate[...].astype(dt), ("batch", "mlp")))
+        up = constrain(x2 @ self.w_up[...].astype(dt), ("batch", "mlp"))
+        out = (gate * up) @ self.w_down[...].astype(dt)
         return out.reshape(x.shape)
 
 
@@ -204,8 +261,8 @@ class Block(nnx.Module):
                  cache_index=None):
         attn_out, new_cache = self.attn(self.attn_norm(x), positions, segment_ids, q_index,
                                         kv_cache, kv_segment_ids, cache_index)
-        x = x + attn_out
-        return x + self.mlp(self.mlp_norm(x)), new_cache
+        x = constrain(x + attn_out, ("batch", "length", "embed"))
+        return constrain(x + self.mlp(self.mlp_norm(x)), ("batch", "length", "embed")), new_cache
 
 
 class Transformer(nnx.Module):
@@ -246,12 +303,23 @@ class Transformer(nnx.Module):
         if self.cfg.remat:
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
         layer_caches = None if cache is None else (cache["k"], cache["v"])
-        x, new_caches = jax.lax.scan(body, x, (stacked, layer_caches))
-        return x, new_caches
+        if self.cfg.scan_layers:
+            return jax.lax.scan(body, x, (stacked, layer_caches))
+        # unrolled: one copy of the block per layer. The stacked arrays are cut with one
+        # lax.split each, whose gradient is a concatenate (indexing layer i would pad each
+        # layer's gradient to the full stack and add L of them).
+        n = self.cfg.num_layers
+        layers = jax.tree.map(lambda a: [p[0] for p in jax.lax.split(a, [1] * n)], (stacked, layer_caches))
+        outs = []
+        for i in range(n):
+            x, out = body(x, jax.tree.map(lambda parts: parts[i], layers, is_leaf=lambda v: isinstance(v, list)))
+            outs.append(out)
+        return x, jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
     def hidden_states(self, inputs: Array, positions: Array, segment_ids: Array) -> Array:
         """inputs, positions, segment_ids [B, T] int32 → final-normed hidden states [B, T, D]."""
         x = jnp.take(self.embed[...], inputs, axis=0).astype(self.cfg.compute_dtype)
+        x = constrain(x, ("batch", "length", "embed"))
         q_index = jnp.arange(inputs.shape[1], dtype=jnp.int32)[None, :]
         x, _ = self._run_blocks(x, positions, segment_ids, q_index)
         return self.final_norm(x)

@@ -94,6 +94,41 @@ def param_shardings(axes_tree: Any, shapes_tree: Any, rules: Mapping[str, str | 
         axes_tree, shapes_tree, is_leaf=lambda x: isinstance(x, tuple))
 
 
+def activation_constraint(mesh: Mesh, rules: Mapping[str, str | None]):
+    """The hint for `lm.model.activation_sharding`: logical activation axes → a NamedSharding.
+
+    `batch` (rows, or rows × time once flattened) is split over the batch axes (data, fsdp)
+    of size > 1 when they divide it; `length` and `embed` stay whole (FSDP splits the weights'
+    embed axis, never the activations'); every other name (heads, kv_heads, mlp, vocab) goes
+    through `rules` as for parameters. None on a 1-device mesh: no constraint at all.
+    """
+    if mesh.size == 1:
+        return None
+    batch_axes = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1)
+    batch_size = math.prod(mesh.shape[a] for a in batch_axes)
+
+    def hint(axes: tuple[str | None, ...], shape: tuple[int, ...]) -> NamedSharding:
+        if len(axes) != len(shape):
+            raise ValueError(f"activation axes {axes} do not match shape {shape}")
+        spec: list = []
+        used: set[str] = set()
+        for name, dim in zip(axes, shape):
+            if name == "batch":
+                ok = batch_axes and dim % batch_size == 0
+                spec.append(batch_axes if ok else None)
+                used.update(batch_axes if ok else ())
+                continue
+            axis = None if name in (None, "length", "embed") else rules.get(name)
+            if axis is not None and (axis in used or mesh.shape[axis] == 1 or dim % mesh.shape[axis]):
+                axis = None
+            if axis is not None:
+                used.add(axis)
+            spec.append(axis)
+        return NamedSharding(mesh, P(*spec))
+
+    return hint
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """[B, T] arrays: rows split over (data, fsdp), time replicated."""
     return NamedSharding(mesh, P(BATCH_AXES, None))

@@ -24,7 +24,7 @@ from flax import nnx
 
 from lm import sharding as shd
 from lm.losses import mean_of
-from lm.model import ModelConfig, Transformer
+from lm.model import ModelConfig, Transformer, activation_sharding
 
 LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
 
@@ -47,6 +47,17 @@ class Setup:
     mesh: jax.sharding.Mesh
     state_shardings: TrainState
     abstract_state: TrainState
+    rules: Any = None  # logical axis → mesh axis (config.mesh.rules), also used for activation hints
+
+    def with_activation_hints(self, fn: Callable) -> Callable:
+        """`fn` traced with this mesh's activation sharding hints (lm.model.constrain)."""
+        hint = shd.activation_constraint(self.mesh, self.rules or {})
+
+        def traced(*args):
+            with activation_sharding(hint):
+                return fn(*args)
+
+        return traced
 
 
 def _init_fn(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, seed: int):
@@ -71,15 +82,20 @@ def plan_state(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, 
     repl = shd.replicated(mesh)
     opt_sh = optax.tree_map_params(optimizer, lambda _, s: s, abstract_state.opt_state, param_sh,
                                    transform_non_params=lambda _: repl)
-    return Setup(graphdef, mesh, TrainState(repl, param_sh, opt_sh, repl, repl), abstract_state)
+    return Setup(graphdef, mesh, TrainState(repl, param_sh, opt_sh, repl, repl), abstract_state, dict(rules))
 
 
 def create_state(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh, rules,
                  seed: int) -> tuple[TrainState, Setup]:
     """Initialize the train state directly in its sharded layout (no full copy on one device)."""
     setup = plan_state(model_cfg, optimizer, mesh, rules, seed)
-    state = jax.jit(_init_fn(model_cfg, optimizer, seed), out_shardings=setup.state_shardings)()
-    return state, setup
+    return init_state(model_cfg, optimizer, setup, seed), setup
+
+
+def init_state(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, setup: Setup,
+               seed: int) -> TrainState:
+    """The initial state of `setup` (from `plan_state`), created directly in its sharded layout."""
+    return jax.jit(_init_fn(model_cfg, optimizer, seed), out_shardings=setup.state_shardings)()
 
 
 def split_micro_batches(batch: dict, k: int) -> dict:
@@ -105,7 +121,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, sc
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         key = jax.random.wrap_key_data(state.rng)
         key, step_key = jax.random.split(key)
-        micro = split_micro_batches(batch, micro_batches)
+        micro = split_micro_batches(batch, micro_batches) if micro_batches > 1 else None
 
         def accumulate(carry, xs):
             grads, sums = carry
@@ -114,12 +130,16 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, sc
             mb_sums = dict(mb_sums, objective_sum=obj)
             return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, mb_sums)), None
 
-        zero_grads = jax.tree.map(jnp.zeros_like, state.params)
-        sums_shape = jax.eval_shape(lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], micro), step_key))
-        zero_sums = dict(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape[0][1]),
-                         objective_sum=jnp.zeros((), jnp.float32))
-        (grad_sum, sums), _ = jax.lax.scan(accumulate, (zero_grads, zero_sums),
-                                           (micro, jnp.arange(micro_batches)))
+        if micro_batches == 1:  # no accumulator to zero-fill and add into
+            (obj, sums), grad_sum = grad_fn(state.params, batch, jax.random.fold_in(step_key, 0))
+            sums = dict(sums, objective_sum=obj)
+        else:
+            zero_grads = jax.tree.map(jnp.zeros_like, state.params)
+            sums_shape = jax.eval_shape(lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], micro), step_key))
+            zero_sums = dict(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape[0][1]),
+                             objective_sum=jnp.zeros((), jnp.float32))
+            (grad_sum, sums), _ = jax.lax.scan(accumulate, (zero_grads, zero_sums),
+                                               (micro, jnp.arange(micro_batches)))
         count = sums["count"]
         grads = jax.tree.map(lambda g: mean_of(g, count), grad_sum)
         loss = mean_of(sums["objective_sum"], count)
@@ -166,7 +186,7 @@ def summary_metrics(sums: dict) -> dict:
 def jit_train_step(train_step, setup: Setup):
     """Jit with the state's shardings in and out, batch split over (data, fsdp), state donated."""
     batch_sh = shd.batch_sharding(setup.mesh)
-    return jax.jit(train_step, in_shardings=(setup.state_shardings, batch_sh),
+    return jax.jit(setup.with_activation_hints(train_step), in_shardings=(setup.state_shardings, batch_sh),
                    out_shardings=(setup.state_shardings, shd.replicated(setup.mesh)), donate_argnums=0)
 
 
@@ -176,7 +196,7 @@ def make_eval_step(loss_fn: LossFn, setup: Setup):
         obj, sums = loss_fn(params, batch, jax.random.key(0))
         return dict(sums, objective_sum=obj)
 
-    return jax.jit(eval_step, in_shardings=(setup.state_shardings.params, shd.batch_sharding(setup.mesh)),
+    return jax.jit(setup.with_activation_hints(eval_step), in_shardings=(setup.state_shardings.params, shd.batch_sharding(setup.mesh)),
                    out_shardings=shd.replicated(setup.mesh))
 
 
@@ -197,6 +217,10 @@ def evaluate(eval_step, params, batches) -> dict[str, float]:
 def global_batch(local_batch: dict, mesh) -> dict:
     """This process's rows (numpy [B_local, T]) → global jax.Arrays [B, T] sharded over (data, fsdp)."""
     sharding = shd.batch_sharding(mesh)
-    n = jax.process_count()
+    n = 1
+    if jax.process_count() > 1:  # processes that share rows (a tensor axis across hosts) count once
+        from lm.distributed import batch_shard
+
+        n = batch_shard(mesh)[1]
     return {k: jax.make_array_from_process_local_data(sharding, v, (v.shape[0] * n, *v.shape[1:]))
             for k, v in local_batch.items()}

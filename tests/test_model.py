@@ -113,6 +113,29 @@ def test_remat_changes_nothing_but_memory():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g1, g2)
 
 
+@pytest.mark.parametrize("variant", [dict(attention_block=8), dict(attention_block=4, scan_layers=False, remat=True)])
+def test_causal_blocks_and_unrolled_layers_change_no_number(variant):
+    """Blocked attention skips only masked keys and unrolling only reorganizes the program:
+    logits and gradients of a packed row are those of the plain model."""
+    rng = np.random.default_rng(3)
+    segs = jnp.array([[1] * 10 + [2] * 9 + [3] * 3 + [0] * 2, [1] * 24])
+    pos = jnp.array([list(range(10)) + list(range(9)) + list(range(3)) + [0, 0], list(range(24))])
+    x = jnp.array(rng.integers(0, CFG.vocab_size, (2, 24)), jnp.int32)
+    cfg = ModelConfig(**{**CFG.__dict__, **variant})
+
+    def run(cfg):
+        gd, p = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+        p = nnx.to_pure_dict(p)
+        f = lambda p: nnx.merge(gd, p)(x, pos, segs).astype(jnp.float32)
+        out = f(p)
+        grads = jax.grad(lambda p: (f(p) * jnp.cos(jnp.arange(CFG.vocab_size))).sum())(p)
+        return out, grads
+
+    (o1, g1), (o2, g2) = run(CFG), run(cfg)
+    np.testing.assert_allclose(o2, o1, rtol=1e-5, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), g2, g1)
+
+
 def test_initial_loss_is_near_uniform(model):
     x, pos, seg = _row(list(range(20)))
     logp = jax.nn.log_softmax(model(x, pos, seg))
@@ -124,6 +147,7 @@ def test_initial_loss_is_near_uniform(model):
     (dict(num_kv_heads=3), "must divide"),
     (dict(d_model=0), "d_model"),
     (dict(dtype="float16"), "dtype"),
+    (dict(attention_block=-1), "attention_block"),
 ])
 def test_impossible_shapes_are_named(bad, match):
     with pytest.raises(ValueError, match=match):
