@@ -153,8 +153,8 @@ def machine_description():
     except (OSError, subprocess.CalledProcessError):
         lscpu = platform.processor() or platform.machine()
     load = os.getloadavg() if hasattr(os, "getloadavg") else ()
-    return (f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()}, "
-            f"load average {tuple(round(x, 2) for x in load)}\n\n```\n{lscpu}\n```")
+    return (f"at the end {tuple(round(x, 2) for x in load)}. jax {jax.__version__}, backend "
+            f"{jax.default_backend()}, devices {jax.devices()}\n\n```\n{lscpu}\n```")
 
 
 def main(argv=None):
@@ -171,6 +171,7 @@ def main(argv=None):
     if args.new_tokens < 256 or args.new_tokens % 128:
         parser.error("--new-tokens must be a multiple of 128, at least 256 (first/last 128 are reported)")
 
+    load_at_start = tuple(round(x, 2) for x in os.getloadavg()) if hasattr(os, "getloadavg") else ()
     graphdef, params = nnx.split(Transformer(CFG, rngs=nnx.Rngs(0)))
     param_bytes = 4 * param_count(params)
     bandwidths = [read_bandwidth()]  # measured again after every cached run; the best one is used
@@ -217,7 +218,7 @@ def main(argv=None):
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         f.write(f"# Sampling: KV-cache decoding vs recomputation\n\n`{command.strip()}`\n\n{table}\n\n{notes}\n\n"
-                f"## Machine\n\n{machine_description()}\n")
+                f"## Machine\n\nload average at the start {load_at_start}; {machine_description()}\n")
     print(f"saved {args.out}", file=sys.stderr)
 
 

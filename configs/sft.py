@@ -6,13 +6,15 @@
     python -m lm.main --config=configs/sft.py --config.data.chat_loss=all     # score every token
 
 The main task (lm/data/synthetic.py: WordChat): conversations of 1..max_turns exchanges, each
-a user asking for a transformation of a random lowercase word (reverse it, write it in
-capitals, spell it with dashes; 9 phrasings per task, sometimes a system prompt) and the
-assistant answering exactly. Every word of the valid split is held out of training, and so
-are 2 phrasings per task. After training, lm/objectives/sft.py: after_training decodes the
-final answer of `sft.eval_examples` valid conversations greedily and reports the exact-match
-accuracy (summary.json: exact_match). The arithmetic variant (ArithmeticChat: a + b, a - b)
-learns far more slowly on a CPU; see experiments/sft_masking.md.
+a user asking for a transformation of a random word of 3..5 distinct lowercase letters
+(reverse it, write it in capitals, spell it with dashes; 9 phrasings per task, sometimes a
+system prompt) and the assistant answering exactly. Every word of the valid split is held
+out of training, so every held-out prompt is new. After training, lm/objectives/sft.py:
+after_training decodes the final answer of `sft.eval_examples` valid conversations greedily
+and reports the exact-match accuracy (summary.json: exact_match). Harder variants, measured
+in experiments/sft_masking.md: held-out phrasings too
+(--config.data.word_chat.num_heldout_templates=2), and the arithmetic task (:arithmetic),
+both far from 95% in this budget.
 
 From a pretrained model instead of from scratch: --config.train.restore_from=<pretraining run>
 --config.train.restore_params_only=True. The tokenizer and special-token ids must match that
@@ -48,7 +50,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     w.max_turns = 2  # exchanges per conversation, uniform in 1..max_turns
     w.system_prompt_prob = 0.3  # a system message before the first question
     w.valid_fraction = 0.1  # words held out for the valid split (hashed, seed-independent)
-    w.num_heldout_templates = 2  # phrasings per task seen only in the valid split
+    w.num_heldout_templates = 0  # phrasings per task seen only in the valid split (0: held-out words only)
     a = c.data.arithmetic_chat  # used by the 'arithmetic' variant
     a.operations = "+-"  # addition and subtraction (negative answers included)
     a.max_digits = 2  # operands 0..99
@@ -60,7 +62,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.num_kv_heads = 4  # key/value heads
     c.model.mlp_dim = 256  # SwiGLU width
 
-    c.train.steps = 1500  # optimizer steps
+    c.train.steps = 3000  # optimizer steps
     c.train.batch_size = 16  # rows per step
     c.train.seq_len = 160  # tokens per row: 1..3 conversations (at most 157 tokens each)
     c.train.log_every = 50  # steps between metric lines

@@ -319,7 +319,7 @@ def test_word_chat_exact_answers_heldout_words_and_phrasings():
         exchanges = ex["messages"][len(ex["messages"]) % 2:]  # without the system message, if any
         for (task, word), q, a in zip(ex["problems"], exchanges[::2], exchanges[1::2]):
             assert a == {"role": "assistant", "content": answer[task](word)} and word in q["content"]
-            assert 3 <= len(word) <= 6 and not train.is_heldout(word)
+            assert 3 <= len(word) <= 6 and len(set(word)) == len(word) and not train.is_heldout(word)
             train_words.add(word)
             train_questions.add(q["content"].replace(word, "{w}"))
         doc = train.document(i)

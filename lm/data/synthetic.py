@@ -252,31 +252,35 @@ class ArithmeticChat:
         return {'tokens': out.tokens, 'weights': out.weights, 'dropped_messages': out.dropped_messages}
 
 
-_WORD_TASKS = {  # name: (answer function, phrasings); the last `num_heldout_templates` of each
-    # are valid-only: they reword the request ('Can you ...?', 'I need ...') but keep its key word,
-    # so that the task stays recognizable
+_WORD_TASKS = {  # name: (answer function, phrasings). The last `num_heldout_templates` phrasings of
+    # each task are valid-only; each of them reuses a frame ('Please ... {w}.', 'I need {w} ...')
+    # that training shows with another task, so the request stays recognizable.
     'reverse': (lambda w: w[::-1], (
         'Reverse {w}.', 'Write {w} backwards.', 'What is {w} reversed?', 'Spell {w} backwards.',
-        'Reverse the letters of {w}', 'Please reverse {w}.', '{w} reversed, please.',
-        'Can you write {w} backwards?', 'I need {w} reversed.')),
+        'Reverse the letters of {w}', '{w} reversed, please.', 'Can you write {w} backwards?',
+        'I need {w} reversed.', 'Please reverse {w}.')),
     'upper': (lambda w: w.upper(), (
         'Uppercase {w}.', 'Write {w} in capitals.', 'What is {w} in uppercase?', 'Spell {w} in capitals.',
-        'Capitalize the letters of {w}', 'Please uppercase {w}.', '{w} in capitals, please.',
-        'Can you write {w} in capitals?', 'I need {w} in uppercase.')),
+        'Capitalize the letters of {w}', 'I need {w} in uppercase.', 'Please uppercase {w}.',
+        'Can you write {w} in capitals?', '{w} in capitals, please.')),
     'dashes': (lambda w: '-'.join(w), (
-        'Dash {w}.', 'Write {w} with dashes.', 'What is {w} with dashes?', 'Spell {w} with dashes.',
-        'Put dashes between the letters of {w}', 'Please dash {w}.', '{w} with dashes, please.',
-        'Can you write {w} with dashes?', 'I need {w} with dashes.')),
+        'Dash {w}.', 'Write {w} with dashes.', 'Spell {w} with dashes.', 'Put dashes between the letters of {w}',
+        '{w} with dashes, please.', 'Can you write {w} with dashes?', 'I need {w} with dashes.',
+        'Please dash {w}.', 'What is {w} with dashes?')),
 }
 _WORD_SYSTEM_PROMPTS = ('You transform words. Reply with the result only.',
                         'Answer with the transformed word and nothing else.')
 
 
 class WordChat:
-    """Chat documents like ArithmeticChat's, about string transformations of a random lowercase
-    word (reverse it, upper-case it, spell it with dashes): [system?] then 1..max_turns
-    exchanges. Every word of a valid conversation is held out of training (hashed, seed-
-    independent), and so are the last phrasings of each task."""
+    """Chat documents like ArithmeticChat's, about string transformations of a random word of
+    distinct lowercase letters (reverse it, write it in capitals, spell it with dashes):
+    [system?] then 1..max_turns exchanges. Every word of a valid conversation is held out of
+    training (hashed, seed-independent), and so are the last phrasings of each task.
+
+    The letters of a word are distinct, so that each letter of the answer can be found in the
+    question by what it is (an induction head) rather than by counting positions: a small
+    model then learns the task within minutes on a CPU."""
 
     unbounded = True
 
@@ -285,8 +289,10 @@ class WordChat:
         tasks = [t.strip() for t in str(cfg.tasks).split(',') if t.strip()]
         if not tasks or set(tasks) - set(_WORD_TASKS):
             raise ValueError(f'data.word_chat.tasks must be a comma-separated subset of {sorted(_WORD_TASKS)}')
-        if not 1 <= cfg.min_letters <= cfg.max_letters:
-            raise ValueError('data.word_chat needs 1 <= min_letters <= max_letters')
+        if not 1 <= cfg.min_letters <= cfg.max_letters <= min(len(set(cfg.alphabet)), 12):
+            raise ValueError('data.word_chat needs 1 <= min_letters <= max_letters <= min(12, letters in alphabet)')
+        if len(set(cfg.alphabet)) != len(cfg.alphabet):
+            raise ValueError('data.word_chat.alphabet must not repeat a letter')
         if not 0 < cfg.valid_fraction < 1:
             raise ValueError('data.word_chat.valid_fraction must be in (0, 1)')
         phrasings = min(len(_WORD_TASKS[t][1]) for t in tasks)
@@ -321,7 +327,11 @@ class WordChat:
         span = self.max_letters - self.min_letters + 1
         for j in range(0, 500_000, 16):  # rejection: a word of this split
             n = self.min_letters + int(uniform(j) * span)
-            word = ''.join(self.alphabet[int(uniform(j + 1 + k) * len(self.alphabet))] for k in range(n))
+            letters = list(self.alphabet)  # n distinct letters (a partial Fisher-Yates shuffle)
+            for k in range(n):
+                pick = k + int(uniform(j + 1 + k) * (len(letters) - k))
+                letters[k], letters[pick] = letters[pick], letters[k]
+            word = ''.join(letters[:n])
             if self.is_heldout(word) == want_heldout:
                 break
         else:
