@@ -11,12 +11,13 @@ import ml_collections
 def data_config() -> ml_collections.ConfigDict:
     """Defaults: the known-entropy Markov source with the byte tokenizer."""
     c = ml_collections.ConfigDict()
-    c.source = 'markov'        # 'markov' | 'copy' | 'arithmetic_chat' | 'text' | 'jsonl' | 'chat_jsonl' | 'array_record'
+    c.source = 'markov'        # 'markov' | 'copy' | 'arithmetic_chat' | 'word_chat' | 'text' | 'jsonl' | 'chat_jsonl' | 'array_record'
     c.tokenizer = 'byte'       # 'byte' (UTF-8 bytes + 7 specials, vocab 263) | path to tokenizer.json | path to SentencePiece .model
     c.on_error = 'raise'       # bad record: 'raise' (error naming file:line) | 'skip' (drop it and count it in error_counts())
     c.packing = 'auto'         # 'concat' (fill rows in order, split across rows) | 'first_fit' (whole chunks, first row with room) | 'auto' (first_fit for chat sources, else concat)
     c.add_bos = True           # text/jsonl/chat: put <|bos|> before each document (synthetic markov/copy never add one)
     c.add_eos = True           # text/jsonl: put <|eos|> after each document (chat ends turns with <|end_of_turn|>)
+    c.chat_overflow = 'truncate_left'  # chat longer than a row: 'truncate_left' (oldest turns cut, counted) | 'drop' (bad record) | 'none' (split across rows)
     c.chat_loss = 'assistant_only'  # chat sources: 'assistant_only' (assistant content + its end-of-turn) | 'all'
     c.num_workers = 0          # grain worker processes for the train split (0 = in the main process); resume needs the same value
     c.worker_buffer_size = 2   # batches each worker prepares ahead
@@ -42,6 +43,16 @@ def data_config() -> ml_collections.ConfigDict:
     c.arithmetic_chat.valid_fraction = 0.1       # fraction of (op, a, b) problems held out for the valid split
     c.arithmetic_chat.num_heldout_templates = 2  # question phrasings seen only in the valid split
     c.arithmetic_chat.system_prompt_prob = 0.3   # probability of a system message before the question
+
+    c.word_chat = ml_collections.ConfigDict()
+    c.word_chat.tasks = 'reverse,upper,dashes'       # transformations asked for (comma-separated)
+    c.word_chat.alphabet = 'abcdefghijklmnopqrstuvwxyz'  # letters of the random words (each used once per word)
+    c.word_chat.min_letters = 3                      # shortest word
+    c.word_chat.max_letters = 5                      # longest word
+    c.word_chat.max_turns = 2                        # exchanges per conversation, uniform in 1..max_turns
+    c.word_chat.system_prompt_prob = 0.3             # probability of a system message before the first question
+    c.word_chat.valid_fraction = 0.1                 # words held out for the valid split (hashed, seed-independent)
+    c.word_chat.num_heldout_templates = 0            # phrasings per task seen only in the valid split
 
     c.text = ml_collections.ConfigDict()
     c.text.train_files = ''    # globs of UTF-8 text files

@@ -40,8 +40,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.chat_overflow = "truncate_left"  # a conversation longer than a row loses its oldest turns (counted)
     c.data.packing = "first_fit"  # whole conversations, several per row (segment ids keep them apart)
     c.data.num_valid_batches = 8  # validation-loss batches (the same every eval)
-    if "word_chat" not in c.data:  # until configs/data.py has the block (see the SFT report)
-        c.data.word_chat = ml_collections.ConfigDict()
     w = c.data.word_chat
     w.tasks = "reverse,upper,dashes"  # transformations asked for (comma-separated)
     w.alphabet = "abcdefghijklmnopqrstuvwxyz"  # letters of the random words

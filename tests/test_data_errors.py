@@ -177,3 +177,24 @@ def test_unknown_policy_and_source_are_errors(tmp_path):
     with pytest.raises(ValueError, match='data.source'):
         D.build_iterator(cfg, split='train', batch_size=1, seq_len=8, seed=0)
     assert os.path.exists(tmp_path)
+
+
+@pytest.mark.parametrize('overflow, counted', [('truncate_left', 'history_truncated'), ('drop', 'conversation_too_long')])
+def test_chat_longer_than_a_row_is_truncated_or_dropped_and_counted(tmp_path, overflow, counted):
+    """A 4-exchange chat that cannot fit a 64-token row: its oldest turns are cut (kept and
+    counted) or it is dropped (a bad record, counted under 'skip'); a short chat is untouched."""
+    long = {'messages': [m for i in range(4) for m in (
+        {'role': 'user', 'content': f'question number {i} is here'},
+        {'role': 'assistant', 'content': f'answer {i}'})]}
+    short = {'messages': [{'role': 'user', 'content': 'hi'}, {'role': 'assistant', 'content': 'yo'}]}
+    path = write_lines(tmp_path / 'chat.jsonl', jsonl([long, short]))
+    cfg = config('chat_jsonl', path)
+    cfg.chat_overflow = overflow
+    batches, counts = run(cfg, 'skip')
+    assert counts == {k: int(k == counted) for k in D.ERROR_KINDS}
+    texts = texts_in(batches, D.ByteTokenizer())
+    assert any(t.endswith('hiyo') for t in texts)  # the short chat, whole
+    if overflow == 'truncate_left':  # the last exchange kept whole, the first cut away
+        assert any('answer 3' in t and 'question number 0' not in t for t in texts)
+    else:
+        assert not any('answer' in t for t in texts)

@@ -25,7 +25,7 @@ _EXPORTS = {
     'load_metadata': 'lm.data.tokenizer', 'save_metadata': 'lm.data.tokenizer',
     'SPECIAL_NAMES': 'lm.data.tokenizer',
     'render_chat': 'lm.data.chat', 'render_prompt': 'lm.data.chat',
-    'ArithmeticChat': 'lm.data.synthetic',
+    'ArithmeticChat': 'lm.data.synthetic', 'WordChat': 'lm.data.synthetic',
 }
 __all__ = sorted(_EXPORTS)
 

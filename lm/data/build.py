@@ -12,13 +12,14 @@ from lm.data.errors import check_policy
 from lm.data.packing import PACKING_MODES
 from lm.data.pipeline import DataIterator, EvalBatches, make_dataset
 from lm.data.sources import ArrayRecordSource, ChatJsonlSource, JsonlSource, TextSource
-from lm.data.synthetic import ArithmeticChat, CopyDocs, MarkovDocs
+from lm.data.synthetic import ArithmeticChat, CopyDocs, MarkovDocs, WordChat
 from lm.data.tokenizer import Tokenizer, load_tokenizer
 
 SOURCES = {
     'markov': MarkovDocs,
     'copy': CopyDocs,
     'arithmetic_chat': ArithmeticChat,
+    'word_chat': WordChat,
     'text': TextSource,
     'jsonl': JsonlSource,
     'chat_jsonl': ChatJsonlSource,
@@ -33,7 +34,7 @@ def _as_config(data_cfg) -> ml_collections.ConfigDict:
     return data_cfg
 
 
-CHAT_SOURCES = ('chat_jsonl', 'arithmetic_chat')
+CHAT_SOURCES = ('chat_jsonl', 'arithmetic_chat', 'word_chat')
 
 
 def resolve_packing(data_cfg) -> str:
@@ -61,10 +62,13 @@ def build_source(data_cfg, *, split: str, seq_len: int, seed: int, tokenizer: To
         raise ValueError(f'split must be one of {SPLITS}, got {split!r}')
     if cfg.chat_loss not in chat.LOSS_POLICIES:
         raise ValueError(f'data.chat_loss must be one of {chat.LOSS_POLICIES}, got {cfg.chat_loss!r}')
+    if cfg.chat_overflow not in chat.OVERFLOW_POLICIES:
+        raise ValueError(f'data.chat_overflow must be one of {chat.OVERFLOW_POLICIES}, got {cfg.chat_overflow!r}')
     tokenizer = tokenizer or build_tokenizer(cfg)
     return SOURCES[cfg.source](
         cfg[cfg.source], split, tokenizer, seed=seed, seq_len=seq_len, add_bos=cfg.add_bos,
-        add_eos=cfg.add_eos, valid_fraction=cfg.valid_fraction, loss_policy=cfg.chat_loss)
+        add_eos=cfg.add_eos, valid_fraction=cfg.valid_fraction, loss_policy=cfg.chat_loss,
+        chat_overflow=cfg.chat_overflow)
 
 
 def build_iterator(data_cfg, *, split: str, batch_size: int, seq_len: int, seed: int,

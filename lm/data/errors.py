@@ -25,6 +25,8 @@ ERROR_KINDS = (
     'unknown_role',         # a chat message whose role is not system/user/assistant
     'token_out_of_vocab',   # a pre-tokenized id outside [0, vocab_size)
     'malformed_record',     # a pre-tokenized record whose bytes are not whole tokens
+    'conversation_too_long',  # a chat that cannot fit one row (data.chat_overflow='drop', or its last answer alone)
+    'history_truncated',    # NOT skipped: a chat kept with its oldest turns cut to fit a row (counted always)
 )
 ERROR_INDEX = {kind: i for i, kind in enumerate(ERROR_KINDS)}
 ON_ERROR_POLICIES = ('raise', 'skip')

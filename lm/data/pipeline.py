@@ -88,6 +88,8 @@ def load_group(source, on_error: str, indices) -> list[dict]:
     out = []
     for result in _read(source, [int(i) for i in indices]):
         if not isinstance(result, BadRecord):
+            if result.get('dropped_messages'):  # kept, but with its oldest turns cut: counted
+                out.append({'error': ERROR_INDEX['history_truncated']})
             out.append(result)
         elif on_error == 'raise':
             raise DataError(f"{result} (set data.on_error='skip' to skip and count such records)")

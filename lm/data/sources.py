@@ -232,8 +232,11 @@ class ChatJsonlSource(FileSource):
 
     unit = 'jsonl'
 
-    def __init__(self, cfg, split, tokenizer, *, loss_policy: str, **kw):
+    def __init__(self, cfg, split, tokenizer, *, loss_policy: str, seq_len: int | None = None,
+                 chat_overflow: str = 'none', **kw):
         self.messages_field, self.loss_policy = cfg.messages_field, loss_policy
+        self.max_tokens = None if seq_len is None else seq_len + 1  # one packed row
+        self.overflow = chat_overflow
         super().__init__(cfg, split, tokenizer, **kw)
 
     def _parse(self, raw: bytes, where: str) -> dict:
@@ -241,9 +244,10 @@ class ChatJsonlSource(FileSource):
         if self.messages_field not in record:
             raise BadRecord('missing_field', where, f'no {self.messages_field!r} field')
         messages = chat.validate_messages(record[self.messages_field], where)
-        tokens, weights = chat.render_chat(messages, self.tokenizer, loss_policy=self.loss_policy,
-                                           add_bos=self.add_bos)
-        return {'tokens': tokens, 'weights': weights}
+        out = chat.render_conversation(messages, self.tokenizer, loss_policy=self.loss_policy,
+                                       add_bos=self.add_bos, max_tokens=self.max_tokens,
+                                       overflow=self.overflow, where=where)
+        return {'tokens': out.tokens, 'weights': out.weights, 'dropped_messages': out.dropped_messages}
 
 
 class ArrayRecordSource:
