@@ -3,7 +3,7 @@
     python -m lm.sweep experiments/sft_masking.py                    # the two runs, then a table
     python experiments/sft_masking.py runs/sweeps/sft_masking        # table + experiments/sft_masking.png
 
-Both runs train configs/sft.py (multi-turn arithmetic chat, from scratch) with the same seed,
+Both runs train configs/sft.py (multi-turn word-transformation chat, from scratch) with the same seed,
 data order, steps and batch; only `data.chat_loss` differs:
 
   assistant_only  the loss scores the assistant's answers and their <|end_of_turn|> (SFT)
@@ -72,7 +72,7 @@ def plot(results: dict[str, dict], path: str) -> str:
     ax.set_xticks(range(len(metrics)), [label for _, label in metrics])
     ax.set_ylabel("% of held-out conversations")
     ax.set_ylim(0, 110)
-    ax.set_title("Chat SFT on arithmetic: assistant-only vs all-token loss (same data and budget)", fontsize=9)
+    ax.set_title("Chat SFT (word transformations): assistant-only vs all-token loss, same data and budget", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
