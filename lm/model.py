@@ -176,7 +176,7 @@ class Attention(nnx.Module):
         """x [B, T, D] → ([B, T, D], updated (k, v) cache or None).
 
         Without a cache, queries attend to the same T tokens. With `kv_cache = (k, v)`,
-        each `[B, S, K, hd]`, the T new keys/values are written at slots
+        each `[B, K, S, hd]`, the T new keys/values are written at slots
         `cache_index .. cache_index+T−1` and the queries attend to all S slots, masked by
         `kv_segment_ids [B, S]` (0 = empty) and causality over slot indices.
         """
@@ -186,17 +186,18 @@ class Attention(nnx.Module):
         k = constrain(_project(x, self.wk[...].astype(dt)), ("batch", "length", "kv_heads", "head_dim"))
         v = constrain(_project(x, self.wv[...].astype(dt)), ("batch", "length", "kv_heads", "head_dim"))
         q = rotary(q, positions, cfg.rope_theta)
-        k = rotary(k, positions, cfg.rope_theta)
+        k = rotary(k, positions, cfg.rope_theta).transpose(0, 2, 1, 3)  # [B, K, T, hd]: the layout the
+        v = v.transpose(0, 2, 1, 3)  # score and value products read (and the cache keeps) without a copy
         new_cache = None
         if kv_cache is None:
             kv_index, kv_segment_ids = q_index, q_segment_ids
         else:
             ck, cv = kv_cache
-            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0))
-            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
+            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, cache_index, 0))
+            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, cache_index, 0))
             new_cache = (ck, cv)
             k, v = ck.astype(dt), cv.astype(dt)
-            kv_index = jnp.arange(k.shape[1], dtype=jnp.int32)[None, :]
+            kv_index = jnp.arange(k.shape[2], dtype=jnp.int32)[None, :]
         groups = cfg.num_heads // cfg.num_kv_heads
         q = q * jnp.asarray(1 / math.sqrt(cfg.head_dim_), q.dtype)  # scale the [T, hd] side, not [T, S]
         q = q.reshape(b, t, cfg.num_kv_heads, groups, cfg.head_dim_)
@@ -212,7 +213,7 @@ class Attention(nnx.Module):
                 stop = start + block
                 mask = masking.attention_mask(q_segment_ids[:, start:stop], kv_segment_ids[:, :stop],
                                               q_index[:, start:stop], kv_index[:, :stop])
-                outs.append(_attend(q[:, start:stop], k[:, :stop], v[:, :stop], mask))
+                outs.append(_attend(q[:, start:stop], k[:, :, :stop], v[:, :, :stop], mask))
             out = jnp.concatenate(outs, axis=1)
         out = out.reshape(b * t, cfg.num_heads * cfg.head_dim_)
         wo = self.wo[...].astype(dt).reshape(cfg.num_heads * cfg.head_dim_, d)
@@ -220,12 +221,12 @@ class Attention(nnx.Module):
 
 
 def _attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
-    """Softmax attention of (pre-scaled) queries `q [B, T, K, G, hd]` over `k, v [B, S, K, hd]`
+    """Softmax attention of (pre-scaled) queries `q [B, T, K, G, hd]` over `k, v [B, K, S, hd]`
     where `mask [B, T, S]` allows; scores and softmax in float32. Returns [B, T, K, G, hd]."""
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return jnp.einsum("bkgts,bksd->btkgd", probs, v)
 
 
 class MLP(nnx.Module):
@@ -343,9 +344,9 @@ class Transformer(nnx.Module):
     # -- decoding with a key/value cache --------------------------------------------------------
 
     def init_cache(self, batch_size: int, max_len: int) -> dict[str, Array]:
-        """An empty cache: k, v [L, B, S, K, hd] in the compute dtype and segment_ids [B, S] (0 = empty)."""
+        """An empty cache: k, v [L, B, K, S, hd] in the compute dtype and segment_ids [B, S] (0 = empty)."""
         cfg = self.cfg
-        shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim_)
+        shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim_)
         return {
             "k": jnp.zeros(shape, cfg.compute_dtype),
             "v": jnp.zeros(shape, cfg.compute_dtype),

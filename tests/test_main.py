@@ -47,6 +47,14 @@ def test_run_directory_has_everything(tiny_run):
     assert "Bayes-optimal cross-entropy" in proc.stdout and "samples" in proc.stdout
     config = json.load(open(os.path.join(workdir, "config.json")))
     assert config["train"]["steps"] == 8 and config["model"]["d_model"] == 32
+    assert "memory per device: parameters" in proc.stdout and "temporaries" in proc.stdout
+
+
+def test_a_step_that_cannot_fit_stops_before_training(tmp_path):
+    proc = _run(f"--workdir={tmp_path}", "--config.mesh.device_memory_gib=0.001", check=False)
+    assert proc.returncode != 0
+    assert "DoesNotFit" in proc.stderr and "per device but" in proc.stderr
+    assert not os.path.exists(os.path.join(tmp_path, "metrics.jsonl"))  # no step ran, nothing logged
 
 
 def test_rerun_resumes_without_duplicating_steps(tiny_run):
