@@ -1,4 +1,4 @@
-"""Multi-process start-up, per-process data shards, and failing fast when a peer dies.
+"""Multi-process start-up and failing fast when a peer dies (per-process rows: lm.sharding.batch_shard).
 
 One code path from 1 CPU to a pod, on JAX's own runtime (`jax.distributed`):
 
@@ -312,37 +312,3 @@ def _install_excepthook() -> None:
 
     hook._lm_distributed = True  # type: ignore[attr-defined]
     sys.excepthook = hook
-
-
-# -- per-process data -----------------------------------------------------------------------------
-
-
-def batch_shard(mesh: jax.sharding.Mesh, global_batch_size: int | None = None) -> tuple[int, int]:
-    """(index, count): this process feeds rows [index·B/count, (index+1)·B/count) of every global
-    batch of B rows split over (data, fsdp) (B: any multiple of data × fsdp; the default is
-    data × fsdp itself — the answer is the same for all).
-
-    count = process_count when the batch axes span the processes (the usual case); when a mesh
-    axis that does not split the batch (tensor) spans processes, those processes share rows and
-    count < process_count. Processes with the same index must load the same data.
-    """
-    from lm import sharding as shd
-
-    sharding = shd.batch_sharding(mesh)
-    global_batch_size = global_batch_size or mesh.shape["data"] * mesh.shape["fsdp"]
-    rows: dict[int, set[tuple[int, int]]] = {}
-    for device, index in sharding.devices_indices_map((global_batch_size, 1)).items():
-        start, stop, _ = index[0].indices(global_batch_size)
-        rows.setdefault(device.process_index, set()).add((start, stop))
-    spans = {}
-    for process, blocks in rows.items():
-        lo, hi = min(b[0] for b in blocks), max(b[1] for b in blocks)
-        if sum(b[1] - b[0] for b in blocks) != hi - lo:
-            raise ValueError(f"mesh {dict(mesh.shape)}: process {process} holds non-contiguous batch rows "
-                             f"{sorted(blocks)}; order the devices so each process's rows are contiguous")
-        spans[process] = (lo, hi)
-    lo, hi = spans[jax.process_index()]
-    size = hi - lo
-    if any(h - l != size for l, h in spans.values()) or global_batch_size % size:
-        raise ValueError(f"mesh {dict(mesh.shape)}: processes hold unequal parts of the batch: {spans}")
-    return lo // size, global_batch_size // size

@@ -15,7 +15,6 @@ if __name__ == "__main__":  # before jax is imported: glibc settings for XLA:CPU
     tune_malloc()
 
 import json
-import math
 import os
 import sys
 
@@ -41,7 +40,7 @@ def build_model_config(config: ml_collections.ConfigDict, vocab_size: int):
 def train_and_report(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Train `config` in `workdir`; write summary.json and loss.png; print samples. Returns the summary."""
     from lm import checkpoint as ckpt
-    from lm import data, distributed, loop, objectives, sharding
+    from lm import data, loop, objectives, sharding
     from lm import report
 
     tokenizer = data.build_tokenizer(config.data)
@@ -52,7 +51,7 @@ def train_and_report(config: ml_collections.ConfigDict, workdir: str) -> dict:
     objective = objectives.get(config.objective)
     tc = config.train
     # this process's block of every global batch (processes that share rows load the same data)
-    shard, shards = distributed.batch_shard(sharding.make_mesh(config.mesh)) if jax.process_count() > 1 else (0, 1)
+    shard, shards = sharding.batch_shard(sharding.make_mesh(config.mesh))
     if tc.batch_size % shards:
         raise ValueError(f"train.batch_size={tc.batch_size} must be a multiple of the {shards} processes "
                          "that feed distinct rows")

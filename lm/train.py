@@ -47,11 +47,11 @@ class Setup:
     mesh: jax.sharding.Mesh
     state_shardings: TrainState
     abstract_state: TrainState
-    rules: Any = None  # logical axis → mesh axis (config.mesh.rules), also used for activation hints
+    rules: dict  # logical axis → mesh axis (config.mesh.rules), also used for activation hints
 
     def with_activation_hints(self, fn: Callable) -> Callable:
         """`fn` traced with this mesh's activation sharding hints (lm.model.constrain)."""
-        hint = shd.activation_constraint(self.mesh, self.rules or {})
+        hint = shd.activation_constraint(self.mesh, self.rules)
 
         def traced(*args):
             with activation_sharding(hint):
@@ -217,10 +217,6 @@ def evaluate(eval_step, params, batches) -> dict[str, float]:
 def global_batch(local_batch: dict, mesh) -> dict:
     """This process's rows (numpy [B_local, T]) → global jax.Arrays [B, T] sharded over (data, fsdp)."""
     sharding = shd.batch_sharding(mesh)
-    n = 1
-    if jax.process_count() > 1:  # processes that share rows (a tensor axis across hosts) count once
-        from lm.distributed import batch_shard
-
-        n = batch_shard(mesh)[1]
+    n = shd.batch_shard(mesh)[1]  # processes that share rows (a tensor axis across hosts) count once
     return {k: jax.make_array_from_process_local_data(sharding, v, (v.shape[0] * n, *v.shape[1:]))
             for k, v in local_batch.items()}

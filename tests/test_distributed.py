@@ -56,7 +56,7 @@ def test_incomplete_settings_are_clear_errors(env, match):
 
 def test_one_process_feeds_every_row():
     mesh = shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    assert distributed.batch_shard(mesh, 8) == (0, 1)
+    assert shd.batch_shard(mesh, 8) == (0, 1)
 
 
 # -- the watchdog, against a fake key-value store --------------------------------------------------

@@ -68,7 +68,7 @@ def _worker_train(out_dir: str) -> None:
     results = {}
     for sizes in MESHES:
         state, setup, step = test_train._setup(test_train._config(), jax.devices(), dict(zip(shd.MESH_AXES, sizes)))
-        index, count = distributed.batch_shard(setup.mesh, 8)
+        index, count = shd.batch_shard(setup.mesh, 8)
         losses = []
         for i in range(3):
             batch = markov_batch(markov, 8 * i, 8, 16)

@@ -164,12 +164,37 @@ _SYSTEM_PROMPTS = ('You are a calculator. Reply with the number only.',
                    'Answer arithmetic questions with the exact result.')
 
 
-class ArithmeticChat:
+class _SyntheticChat:
+    """What the synthetic chat sources share: rendering settings, size, `document(i)`.
+    A subclass sets `name` and defines `example(i) -> {'messages': ...}`."""
+
+    unbounded = True
+    name = ''
+
+    def _set_rendering(self, split: str, seed: int, tokenizer, loss_policy: str, add_bos: bool,
+                       seq_len: int | None, chat_overflow: str) -> None:
+        self.split, self.seed, self.tokenizer = split, seed, tokenizer
+        self.loss_policy, self.add_bos, self.overflow = loss_policy, add_bos, chat_overflow
+        self.max_tokens = None if seq_len is None else seq_len + 1  # one packed row
+
+    def __len__(self) -> int:
+        return NUM_DOCUMENTS
+
+    def document(self, i: int) -> dict:
+        """{'tokens', 'weights'} (chat.py) and 'dropped_messages' (history cut to fit a row)."""
+        out = chat.render_conversation(self.example(i)['messages'], self.tokenizer,
+                                       loss_policy=self.loss_policy, add_bos=self.add_bos,
+                                       max_tokens=self.max_tokens, overflow=self.overflow,
+                                       where=f'{self.name}:{self.split}:{i}')
+        return {'tokens': out.tokens, 'weights': out.weights, 'dropped_messages': out.dropped_messages}
+
+
+class ArithmeticChat(_SyntheticChat):
     """Chat documents: [system?] then 1..max_turns exchanges, each a user asking `a op b` (in one
     of several phrasings) and the assistant answering the exact number. Every problem of a
     valid conversation is held out (never in train), and so are the last phrasings."""
 
-    unbounded = True
+    name = 'arithmetic_chat'
 
     def __init__(self, cfg, split: str, tokenizer, *, seed: int, loss_policy: str,
                  add_bos: bool = True, seq_len: int | None = None,
@@ -184,16 +209,11 @@ class ArithmeticChat:
         self.max_turns = int(cfg.get('max_turns', 1))
         if self.max_turns < 1:
             raise ValueError(f'data.arithmetic_chat.max_turns must be >= 1, got {self.max_turns}')
-        self.split, self.seed, self.tokenizer = split, seed, tokenizer
-        self.loss_policy, self.add_bos, self.overflow = loss_policy, add_bos, chat_overflow
-        self.max_tokens = None if seq_len is None else seq_len + 1  # one packed row
+        self._set_rendering(split, seed, tokenizer, loss_policy, add_bos, seq_len, chat_overflow)
         self.operations, self.max_digits = str(cfg.operations), int(cfg.max_digits)
         self.valid_fraction, self.system_prompt_prob = cfg.valid_fraction, cfg.system_prompt_prob
         num_train_templates = len(_TEMPLATES) - cfg.num_heldout_templates
         self.templates = _TEMPLATES if split == 'valid' else _TEMPLATES[:num_train_templates]
-
-    def __len__(self) -> int:
-        return NUM_DOCUMENTS
 
     def is_heldout(self, op: str, a: int, b: int) -> bool:
         """Whether problem (op, a, b) belongs to the valid split (seed-independent)."""
@@ -243,14 +263,6 @@ class ArithmeticChat:
             problems.append(problem)
         return {'messages': messages, 'answer': answer, 'problem': problems[-1], 'problems': problems}
 
-    def document(self, i: int) -> dict:
-        """{'tokens', 'weights'} (chat.py) and 'dropped_messages' (history cut to fit a row)."""
-        out = chat.render_conversation(self.example(i)['messages'], self.tokenizer,
-                                       loss_policy=self.loss_policy, add_bos=self.add_bos,
-                                       max_tokens=self.max_tokens, overflow=self.overflow,
-                                       where=f'arithmetic_chat:{self.split}:{i}')
-        return {'tokens': out.tokens, 'weights': out.weights, 'dropped_messages': out.dropped_messages}
-
 
 _WORD_TASKS = {  # name: (answer function, phrasings). The last `num_heldout_templates` phrasings of
     # each task are valid-only; each of them reuses a frame ('Please ... {w}.', 'I need {w} ...')
@@ -272,7 +284,7 @@ _WORD_SYSTEM_PROMPTS = ('You transform words. Reply with the result only.',
                         'Answer with the transformed word and nothing else.')
 
 
-class WordChat:
+class WordChat(_SyntheticChat):
     """Chat documents like ArithmeticChat's, about string transformations of a random word of
     distinct lowercase letters (reverse it, write it in capitals, spell it with dashes):
     [system?] then 1..max_turns exchanges. Every word of a valid conversation is held out of
@@ -282,7 +294,7 @@ class WordChat:
     question by what it is (an induction head) rather than by counting positions: a small
     model then learns the task within minutes on a CPU."""
 
-    unbounded = True
+    name = 'word_chat'
 
     def __init__(self, cfg, split: str, tokenizer, *, seed: int, loss_policy: str,
                  add_bos: bool = True, seq_len: int | None = None, chat_overflow: str = 'none', **_):
@@ -300,16 +312,12 @@ class WordChat:
             raise ValueError(f'data.word_chat.num_heldout_templates must be < {phrasings}')
         if cfg.max_turns < 1:
             raise ValueError(f'data.word_chat.max_turns must be >= 1, got {cfg.max_turns}')
-        self.tasks, self.split, self.seed, self.tokenizer = tasks, split, seed, tokenizer
+        self.tasks = tasks
+        self._set_rendering(split, seed, tokenizer, loss_policy, add_bos, seq_len, chat_overflow)
         self.alphabet = str(cfg.alphabet)
         self.min_letters, self.max_letters, self.max_turns = int(cfg.min_letters), int(cfg.max_letters), int(cfg.max_turns)
         self.valid_fraction, self.system_prompt_prob = cfg.valid_fraction, cfg.system_prompt_prob
         self.heldout_templates = int(cfg.num_heldout_templates)
-        self.loss_policy, self.add_bos, self.overflow = loss_policy, add_bos, chat_overflow
-        self.max_tokens = None if seq_len is None else seq_len + 1
-
-    def __len__(self) -> int:
-        return NUM_DOCUMENTS
 
     def is_heldout(self, word: str) -> bool:
         """Whether `word` belongs to the valid split (seed-independent hash of its letters)."""
@@ -358,10 +366,3 @@ class WordChat:
             messages += [{'role': 'user', 'content': question}, {'role': 'assistant', 'content': answer}]
             problems.append(problem)
         return {'messages': messages, 'answer': answer, 'problem': problems[-1], 'problems': problems}
-
-    def document(self, i: int) -> dict:
-        out = chat.render_conversation(self.example(i)['messages'], self.tokenizer,
-                                       loss_policy=self.loss_policy, add_bos=self.add_bos,
-                                       max_tokens=self.max_tokens, overflow=self.overflow,
-                                       where=f'word_chat:{self.split}:{i}')
-        return {'tokens': out.tokens, 'weights': out.weights, 'dropped_messages': out.dropped_messages}
