@@ -263,6 +263,8 @@ def _coordinator_status() -> str:
     address = _state.get("coordinator_address")
     if not address:
         return "it lost the coordination service (a process died, or the network failed)"
+    if _state.get("process_id") == 0:  # the service runs here: it aborts us when it loses a peer
+        return "this process hosts the coordinator, so another process died or the network failed"
     import socket
 
     host, _, port = address.rpartition(":")

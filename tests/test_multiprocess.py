@@ -262,8 +262,15 @@ def test_killed_process_during_training_ends_the_other_with_a_clear_message(tmp_
                                         lambda: os.path.exists(metrics) and os.path.getsize(metrics) > 0)
     assert code == 75, log[-3000:]  # distributed.EXIT_PEER_LOST
     assert elapsed < HEARTBEAT_S + 20, elapsed
-    assert "lm.distributed: process 0 of 2: process 1 of 2 sent no heartbeat" in log, log[-3000:]
-    assert "Check failure stack trace" not in log  # the watchdog, not the runtime's abort
+    # Usually the watchdog notices first. The runtime's coordination service on process 0 may
+    # abort it first when it sees process 1's connection drop (a race seen in CI); then the
+    # supervisor prints its own line. Either way: status 75 and one line that names the cause.
+    watchdog = "lm.distributed: process 0 of 2: process 1 of 2 sent no heartbeat" in log
+    runtime = ("lm.distributed: process 0 of 2: the JAX runtime aborted it: this process hosts the "
+               "coordinator, so another process died or the network failed" in log)
+    assert watchdog or runtime, log[-3000:]
+    if watchdog:
+        assert "Check failure stack trace" not in log  # the watchdog, not the runtime's abort
 
 
 def test_killed_coordinator_ends_the_other_with_a_clear_message(tmp_path):
