@@ -176,9 +176,9 @@ class Attention(nnx.Module):
         """x [B, T, D] → ([B, T, D], updated (k, v) cache or None).
 
         Without a cache, queries attend to the same T tokens. With `kv_cache = (k, v)`,
-        each `[B, K, S, hd]`, the T new keys/values are written at slots
-        `cache_index .. cache_index+T−1` and the queries attend to all S slots, masked by
-        `kv_segment_ids [B, S]` (0 = empty) and causality over slot indices.
+        each `[B, K, S, hd]`, the queries attend to the cached slots before `cache_index`
+        (masked by `kv_segment_ids [B, S]`, 0 = empty) and causally to the T new keys, in one
+        softmax; the new keys/values are then written at slots `cache_index .. cache_index+T−1`.
         """
         cfg, dt = self.cfg, self.cfg.compute_dtype
         b, t, d = x.shape
