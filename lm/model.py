@@ -351,7 +351,10 @@ class Transformer(nnx.Module):
         """hidden [..., D] → logits [..., V] in the compute dtype."""
         kernel, layout = self.output_kernel()
         kernel = kernel.astype(hidden.dtype)
-        return hidden @ (kernel.T if layout == "vd" else kernel)
+        if layout == "vd":  # contract with the table as stored: `hidden @ kernel.T` would have XLA
+            # transpose the whole [V, D] table at every call (a decode step's slowest small op)
+            return jnp.einsum("...d,vd->...v", hidden, kernel)
+        return hidden @ kernel
 
     def __call__(self, inputs: Array, positions: Array, segment_ids: Array) -> Array:
         """inputs, positions, segment_ids [B, T] → logits [B, T, V]."""

@@ -112,15 +112,25 @@ def apply_temperature(logits: Array, temperature) -> Array:
     return jnp.where(t > 0, scaled, _drop(logits, first_max))
 
 
+def _unless(off: Array, logits: Array, filtered: Callable[[Array], Array]) -> Array:
+    """`logits` if `off`, else `filtered(logits)`; a traced `off` skips the filter's sort at run time
+    (a `lax.cond`: decoding with top-k or top-p off sorts nothing; a per-row `off` under vmap
+    computes both and selects)."""
+    return jax.lax.cond(off, lambda x: x, filtered, logits)
+
+
 def top_k_filter(logits: Array, k) -> Array:
     """[..., V] → [..., V]: keep ``x_v ≥ x_(k)`` (the k-th largest, ties kept); k = 0 or k ≥ V: no-op."""
     logits = logits.astype(F32)
     vocab = logits.shape[-1]
     k = jnp.asarray(k, jnp.int32)
-    descending = -jnp.sort(-logits, axis=-1)
-    kth = jnp.take(descending, jnp.clip(k, 1, vocab) - 1, axis=-1)[..., None]
-    off = (k <= 0) | (k >= vocab)
-    return jnp.where(off, logits, _drop(logits, logits >= kth))
+
+    def filtered(x):
+        descending = -jnp.sort(-x, axis=-1)
+        kth = jnp.take(descending, jnp.clip(k, 1, vocab) - 1, axis=-1)[..., None]
+        return _drop(x, x >= kth)
+
+    return _unless((k <= 0) | (k >= vocab), logits, filtered)
 
 
 def top_p_filter(logits: Array, p) -> Array:
@@ -131,22 +141,29 @@ def top_p_filter(logits: Array, p) -> Array:
     """
     logits = logits.astype(F32)
     p = jnp.asarray(p, F32)
-    probs = jax.nn.softmax(logits, axis=-1)
-    descending = -jnp.sort(-probs, axis=-1)
-    mass_before = jnp.concatenate(  # exact exclusive cumsum: 0, q_(1), q_(1)+q_(2), …
-        [jnp.zeros_like(descending[..., :1]), jnp.cumsum(descending[..., :-1], axis=-1)], axis=-1)
-    members = jnp.sum(mass_before < p, axis=-1, keepdims=True)  # m ≥ 1 since 0 < p
-    last_member = jnp.take_along_axis(descending, jnp.maximum(members, 1) - 1, axis=-1)
-    return jnp.where(p >= 1, logits, _drop(logits, probs >= last_member))
+
+    def filtered(x):
+        probs = jax.nn.softmax(x, axis=-1)
+        descending = -jnp.sort(-probs, axis=-1)
+        mass_before = jnp.concatenate(  # exact exclusive cumsum: 0, q_(1), q_(1)+q_(2), …
+            [jnp.zeros_like(descending[..., :1]), jnp.cumsum(descending[..., :-1], axis=-1)], axis=-1)
+        members = jnp.sum(mass_before < p, axis=-1, keepdims=True)  # m ≥ 1 since 0 < p
+        last_member = jnp.take_along_axis(descending, jnp.maximum(members, 1) - 1, axis=-1)
+        return _drop(x, probs >= last_member)
+
+    return _unless(p >= 1, logits, filtered)
 
 
 def min_p_filter(logits: Array, min_p) -> Array:
     """[..., V] → [..., V]: keep ``q_v ≥ min_p · max_u q_u`` with q = softmax(x); min_p = 0: no-op."""
     logits = logits.astype(F32)
     min_p = jnp.asarray(min_p, F32)
-    probs = jax.nn.softmax(logits, axis=-1)
-    keep = probs >= min_p * jnp.max(probs, axis=-1, keepdims=True)
-    return jnp.where(min_p <= 0, logits, _drop(logits, keep))
+
+    def filtered(x):
+        probs = jax.nn.softmax(x, axis=-1)
+        return _drop(x, probs >= min_p * jnp.max(probs, axis=-1, keepdims=True))
+
+    return _unless(min_p <= 0, logits, filtered)
 
 
 def filter_logits(logits: Array, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) -> Array:
