@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lm.model import ModelConfig, Transformer, flops_per_token, matmul_params, param_count
+from lm.model import ModelConfig, Transformer, flops_per_token, matmul_params, param_count, rotary
 
 CFG = ModelConfig(vocab_size=37, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=48)
 
@@ -56,6 +56,27 @@ def test_packed_row_equals_each_document_alone(forward):
         np.testing.assert_allclose(packed[0, start:start + len(d)], alone[0], atol=1e-5, rtol=1e-5)
         start += len(d)
     assert np.isfinite(np.asarray(packed)).all()  # padding queries attend to nothing, still finite
+
+
+def test_rotary_rotates_half_pairs_by_position_times_frequency():
+    """Reference in complex numbers: (a + ib) · e^{i·pos·θ^(−2j/d)} for the pair (x_j, x_{j+d/2})."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 5, 3, 8)).astype(np.float32)
+    positions = rng.integers(0, 1000, (2, 5)).astype(np.int32)
+    half = 4
+    freq = 10_000.0 ** (-np.arange(half) / half)
+    z = (x[..., :half] + 1j * x[..., half:]) * np.exp(1j * positions[..., None, None] * freq)
+    want = np.concatenate([z.real, z.imag], axis=-1)
+    np.testing.assert_allclose(rotary(jnp.asarray(x), jnp.asarray(positions), 10_000.0), want, atol=2e-4)
+
+
+def test_rotary_scores_depend_only_on_the_position_difference():
+    rng = np.random.default_rng(1)
+    q, k = (jnp.asarray(rng.standard_normal((1, 1, 2, 16)), jnp.float32) for _ in range(2))
+    def score(pq, pk):
+        return jnp.sum(rotary(q, jnp.array([[pq]]), 10_000.0) * rotary(k, jnp.array([[pk]]), 10_000.0), -1)
+    np.testing.assert_allclose(score(7, 3), score(107, 103), rtol=1e-4, atol=1e-5)
+    assert not np.allclose(score(7, 3), score(7, 4), atol=1e-3)
 
 
 def test_every_parameter_has_logical_axes_matching_its_rank(model):
