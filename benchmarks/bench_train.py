@@ -48,9 +48,11 @@ MODELS = {
 }
 
 
-def bench_model(name: str, steps: int, vocab: int, loss_kind: str, dtype: str, remat: bool, matmul_n: int) -> dict:
+def build(name: str, vocab: int, loss_kind: str, **model_fields):
+    """The jitted train step of benchmark model `name` (ModelConfig fields overridden by `model_fields`),
+    its initial state, a global batch of random tokens, and the model FLOPs of one step."""
     fields, seq_len, batch = MODELS[name]
-    cfg = ModelConfig(vocab_size=vocab, dtype=dtype, remat=remat, **{"attention_block": 64, **fields})
+    cfg = ModelConfig(vocab_size=vocab, **{"attention_block": 64, **fields, **model_fields})
     config = base.get_config()
     config.loss.kind = loss_kind
     mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
@@ -64,13 +66,17 @@ def bench_model(name: str, steps: int, vocab: int, loss_kind: str, dtype: str, r
              "loss_mask": np.ones((batch, seq_len), np.float32),
              "segment_ids": np.ones((batch, seq_len), np.int32),
              "positions": np.tile(np.arange(seq_len, dtype=np.int32), (batch, 1))}
-    gb = train.global_batch(local, mesh)
+    flops = flops_per_token(cfg, seq_len)
+    return step, state, train.global_batch(local, mesh), flops, flops["model"] * batch * seq_len
+
+
+def bench_model(name: str, steps: int, vocab: int, loss_kind: str, dtype: str, remat: bool, matmul_n: int) -> dict:
+    fields, seq_len, batch = MODELS[name]
+    step, state, gb, flops, step_flops = build(name, vocab, loss_kind, dtype=dtype, remat=remat)
     t0 = time.perf_counter()
     state, m = step(state, gb)
     jax.block_until_ready(m)
     compile_s = time.perf_counter() - t0
-    flops = flops_per_token(cfg, seq_len)
-    step_flops = flops["model"] * batch * seq_len
     times, peaks = [], []
     for _ in range(steps):  # paired: the peak is measured right before each step (the VM's speed drifts)
         peaks.append(measure_peak_flops(matmul_n, repeats=2))
