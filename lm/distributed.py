@@ -155,6 +155,7 @@ class Watchdog:
         self.stopped = threading.Event()
         self.exit_fn = exit_fn
         self.count = 0
+        self.exiting = False  # set once this watchdog has judged a peer lost and is ending the process
 
     def start(self) -> "Watchdog":
         for target, name in ((self._beat, "lm-heartbeat"), (self._judge, "lm-watchdog")):
@@ -207,6 +208,7 @@ class Watchdog:
     def _exit(self, what: str) -> None:
         if self.stopped.is_set():
             return
+        self.exiting = True  # before `stopped`: a thread woken by `stopped` must see it
         self.stopped.set()
         sys.stdout.flush()
         sys.stderr.write(f"\nlm.distributed: process {self.me} of {self.n}: {what}; exiting with status "
@@ -303,6 +305,10 @@ def _install_excepthook() -> None:
                 sys.stderr.write("lm.distributed: a runtime error; checking whether another process died\n")
                 sys.stderr.flush()
                 dog.stopped.wait(dog.timeout + 3 * dog.interval)
+                if dog.exiting:  # it named the lost peer and is exiting with EXIT_PEER_LOST: leave the
+                    # status to it rather than race it with EXIT_FAILED (seen under load in CI)
+                    time.sleep(10)
+                    os._exit(EXIT_PEER_LOST)
             sys.stderr.write(f"lm.distributed: process {jax.process_index()} of {jax.process_count()} failed "
                              f"({exc_type.__name__}); exiting now so that the others stop too\n")
             if dog is not None:
