@@ -71,7 +71,7 @@ def build(name: str, vocab: int, loss_kind: str, **model_fields):
 
 
 def bench_model(name: str, steps: int, vocab: int, loss_kind: str, dtype: str, remat: bool, matmul_n: int) -> dict:
-    fields, seq_len, batch = MODELS[name]
+    _, seq_len, batch = MODELS[name]
     step, state, gb, flops, step_flops = build(name, vocab, loss_kind, dtype=dtype, remat=remat)
     t0 = time.perf_counter()
     state, m = step(state, gb)
