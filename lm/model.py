@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -84,6 +85,8 @@ class ModelConfig:
     remat: bool = False  # recompute each block's activations in the backward pass
     attention_block: int = 0  # training attention in causal blocks of this many queries, skipping
     # the key blocks after each (exact; ~(1 + c/T)/2 of the score work); 0: one T×T block
+    decode_block: int = 128  # cached decoding attends to the filled cache slots rounded up to a
+    # multiple of this (at most 8 sizes, each compiled once: lax.switch); 0: always all slots
     scan_layers: bool = True  # apply the stacked blocks with lax.scan (compile time flat in depth);
     # False unrolls them: a longer compile, but no stacked activation buffers to fill and slice
     init_scale: float = 1.0  # multiplies every initial standard deviation
@@ -105,6 +108,8 @@ class ModelConfig:
                 problems.append(f"head dim {self.head_dim_} must be even for rotary embeddings")
         if self.attention_block is None or self.attention_block < 0:
             problems.append(f"model.attention_block must be >= 0 (0: off), got {self.attention_block}")
+        if self.decode_block is None or self.decode_block < 0:
+            problems.append(f"model.decode_block must be >= 0 (0: off), got {self.decode_block}")
         if self.dtype not in _DTYPES:
             problems.append(f"model.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if problems:
@@ -167,6 +172,15 @@ def _project(x: Array, w: Array) -> Array:
     return (x.reshape(b * t, d) @ w.reshape(d, -1)).reshape(b, t, *w.shape[1:])
 
 
+def cache_sizes(slots: int, block: int) -> list[int]:
+    """The cache lengths a decode step may attend over: multiples of `block` (raised until there
+    are at most 8) up to `slots`, and `slots` itself. block 0: [slots]."""
+    if not block or block >= slots:
+        return [slots]
+    step = block * -(-slots // (8 * block))  # a multiple of block, ≥ slots / 8
+    return [*range(step, slots, step), slots]
+
+
 class Attention(nnx.Module):
     """Multi-head attention with `num_kv_heads` key/value heads shared by groups of query heads."""
 
@@ -208,11 +222,21 @@ class Attention(nnx.Module):
             # than the updated one leaves the update as the cache's only consumer, so XLA writes
             # it in place instead of copying every layer's cache at every decode step.
             ck, cv = kv_cache
-            kv_index = jnp.arange(ck.shape[2], dtype=jnp.int32)[None, :]
-            old = masking.attention_mask(q_segment_ids, kv_segment_ids, q_index, kv_index)
-            old = old & (kv_index < cache_index)[:, None, :]  # [B, T, S]
             new = masking.attention_mask(q_segment_ids, q_segment_ids, q_index, q_index)  # [B, T, T]
-            out = _attend(q, [(ck.astype(dt), cv.astype(dt), old), (k, v, new)])
+
+            def attend_first(n):  # the queries against cache slots [0, n) (n static) and the new keys
+                kv_index = jnp.arange(n, dtype=jnp.int32)[None, :]
+                old = masking.attention_mask(q_segment_ids, kv_segment_ids[:, :n], q_index, kv_index)
+                old = old & (kv_index < cache_index)[:, None, :]  # [B, T, n]
+                return _attend(q, [(ck[:, :, :n].astype(dt), cv[:, :, :n].astype(dt), old), (k, v, new)])
+
+            sizes = cache_sizes(ck.shape[2], cfg.decode_block)
+            if len(sizes) == 1:
+                out = attend_first(sizes[0])
+            else:  # only the slots before cache_index hold keys: attend to the smallest size that covers them
+                which = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), cache_index)
+                out = jax.lax.switch(jnp.minimum(which, len(sizes) - 1), [functools.partial(attend_first, n)
+                                                                          for n in sizes])
             new_cache = (jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, cache_index, 0)),
                          jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, cache_index, 0)))
         elif not block or t <= block or t % block:
@@ -254,6 +278,32 @@ def _attend(q: Array, blocks: list[tuple[Array, Array, Array]]) -> Array:
     return out
 
 
+@jax.custom_vjp
+def swiglu(gate: Array, up: Array) -> Array:
+    """silu(gate) · up, elementwise, whose backward pass keeps only its two inputs.
+
+    Plain autodiff saves sigmoid(gate) and silu(gate) as well: two more [B·T, mlp_dim] arrays per
+    layer, each written and read again. Here the backward pass recomputes the sigmoid inside the
+    one fusion that produces both gradients.
+    """
+    return gate * jax.nn.sigmoid(gate) * up
+
+
+def _swiglu_fwd(gate, up):
+    return swiglu(gate, up), (gate, up)
+
+
+def _swiglu_bwd(saved, grad):
+    gate, up = saved
+    sig = jax.nn.sigmoid(gate)
+    silu = gate * sig
+    # d silu / d gate = sig + gate · sig · (1 − sig) = sig + silu · (1 − sig)
+    return grad * up * (sig + silu * (1 - sig)), grad * silu
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
 class MLP(nnx.Module):
     """SwiGLU: (silu(x W_gate) ⊙ x W_up) W_down."""
 
@@ -268,9 +318,9 @@ class MLP(nnx.Module):
     def __call__(self, x: Array) -> Array:
         dt = self.dtype
         x2 = x.reshape(-1, x.shape[-1])  # [B·T, D]: plain 2-D matmuls, forward and backward
-        gate = jax.nn.silu(constrain(x2 @ self.w_gate[...].astype(dt), ("batch", "mlp")))
+        gate = constrain(x2 @ self.w_gate[...].astype(dt), ("batch", "mlp"))
         up = constrain(x2 @ self.w_up[...].astype(dt), ("batch", "mlp"))
-        out = (gate * up) @ self.w_down[...].astype(dt)
+        out = swiglu(gate, up) @ self.w_down[...].astype(dt)
         return out.reshape(x.shape)
 
 

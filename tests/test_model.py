@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lm.model import ModelConfig, Transformer, flops_per_token, matmul_params, param_count, rotary
+from lm.model import ModelConfig, Transformer, flops_per_token, matmul_params, param_count, rotary, swiglu
 
 CFG = ModelConfig(vocab_size=37, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=48)
 
@@ -77,6 +77,20 @@ def test_rotary_scores_depend_only_on_the_position_difference():
         return jnp.sum(rotary(q, jnp.array([[pq]]), 10_000.0) * rotary(k, jnp.array([[pk]]), 10_000.0), -1)
     np.testing.assert_allclose(score(7, 3), score(107, 103), rtol=1e-4, atol=1e-5)
     assert not np.allclose(score(7, 3), score(7, 4), atol=1e-3)
+
+
+def test_swiglu_gradients_equal_autodiff_and_it_saves_only_its_inputs():
+    rng = np.random.default_rng(2)
+    gate, up, grad = (jnp.asarray(3 * rng.standard_normal((64, 24)), jnp.float32) for _ in range(3))
+    reference = lambda g, u: jax.nn.silu(g) * u  # noqa: E731
+    out, vjp = jax.vjp(swiglu, gate, up)
+    ref_out, ref_vjp = jax.vjp(reference, gate, up)
+    np.testing.assert_allclose(out, ref_out, rtol=1e-6, atol=1e-6)
+    for got, want in zip(vjp(grad), ref_vjp(grad)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # what the forward pass keeps for the backward: swiglu its two inputs, autodiff more
+    saved = lambda f: len(jax.tree.leaves(jax.vjp(f, gate, up)[1]))  # noqa: E731
+    assert saved(swiglu) == 2 < saved(reference)
 
 
 def test_every_parameter_has_logical_axes_matching_its_rank(model):

@@ -1,6 +1,8 @@
 """lm.sampling: the logit filters against their definitions, the sampled distribution against the
 filtered softmax (chi-square), and the KV-cache decode loop against full recomputation."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +11,7 @@ from flax import nnx
 from scipy import stats
 
 from lm import sampling
-from lm.model import ModelConfig, Transformer
+from lm.model import ModelConfig, Transformer, cache_sizes
 from lm.sampling import SamplingConfig, generate, generate_batch
 
 # jitted once each (knobs are traced): far fewer compilations than running them op by op
@@ -150,7 +152,7 @@ def test_draw_frequencies_match_the_filtered_softmax(settings):
 # -- decoding ----------------------------------------------------------------------------------
 
 CFG = ModelConfig(vocab_size=48, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64,
-                  tie_embeddings=False)
+                  tie_embeddings=False, decode_block=4)  # decode steps switch between cache sizes 4, 8, .., 32
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [15]]
 MAX_LEN, NEW = 32, 12  # one compiled shape for every decoding test below
 
@@ -182,8 +184,24 @@ def _recompute_last_logits(model, sequences):
     return np.asarray(logits)[np.arange(len(sequences)), [len(s) - 1 for s in sequences]]
 
 
-@pytest.mark.parametrize("unroll_layers", [True, False], ids=["unrolled", "model.decode"])
-def test_cached_logits_equal_full_recomputation_at_every_step(model, unroll_layers):
+def _with_config(model, **fields):
+    """The same parameters under a ModelConfig with `fields` replaced."""
+    cfg = dataclasses.replace(CFG, **fields)
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    return nnx.merge(graphdef, nnx.state(model))
+
+
+def test_cache_sizes_cover_every_fill_with_at_most_eight_compiled_sizes():
+    assert cache_sizes(32, 4) == [4, 8, 12, 16, 20, 24, 28, 32]
+    assert cache_sizes(528, 128) == [128, 256, 384, 512, 528]
+    assert cache_sizes(4096, 128) == [512, 1024, 1536, 2048, 2560, 3072, 3584, 4096]
+    assert cache_sizes(100, 128) == cache_sizes(100, 0) == [100]
+
+
+@pytest.mark.parametrize("unroll_layers,decode_block", [(True, 4), (False, 4), (True, 0)],
+                         ids=["unrolled", "model.decode", "all-slots"])
+def test_cached_logits_equal_full_recomputation_at_every_step(model, unroll_layers, decode_block):
+    model = _with_config(model, decode_block=decode_block)
     out = _run(model, temperature=1.0, stop_ids=(7,), unroll_layers=unroll_layers)
     assert out.lengths.min() >= 1 and out.lengths.max() == NEW
     prefixes, cached = [], []
