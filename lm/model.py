@@ -213,7 +213,9 @@ class Attention(nnx.Module):
         v = v.transpose(0, 2, 1, 3)  # score and value products read (and the cache keeps) without a copy
         groups = cfg.num_heads // cfg.num_kv_heads
         q = q * jnp.asarray(1 / math.sqrt(cfg.head_dim_), q.dtype)  # scale the [T, hd] side, not [T, S]
-        q = q.reshape(b, t, cfg.num_kv_heads, groups, cfg.head_dim_)
+        # [B, K, T, G, hd]: for each (batch, kv head) its T·G query rows are contiguous, so the score
+        # and value products take q, and any causal block of it, without a copy
+        q = q.reshape(b, t, cfg.num_kv_heads, groups, cfg.head_dim_).transpose(0, 2, 1, 3, 4)
         new_cache = None
         block = cfg.attention_block
         if kv_cache is not None:
@@ -250,30 +252,30 @@ class Attention(nnx.Module):
                 stop = start + block
                 mask = masking.attention_mask(q_segment_ids[:, start:stop], q_segment_ids[:, :stop],
                                               q_index[:, start:stop], q_index[:, :stop])
-                outs.append(_attend(q[:, start:stop], [(k[:, :, :stop], v[:, :, :stop], mask)]))
-            out = jnp.concatenate(outs, axis=1)
-        out = out.reshape(b * t, cfg.num_heads * cfg.head_dim_)
+                outs.append(_attend(q[:, :, start:stop], [(k[:, :, :stop], v[:, :, :stop], mask)]))
+            out = jnp.concatenate(outs, axis=2)
+        out = out.transpose(0, 2, 1, 3, 4).reshape(b * t, cfg.num_heads * cfg.head_dim_)
         wo = self.wo[...].astype(dt).reshape(cfg.num_heads * cfg.head_dim_, d)
         return (out @ wo).reshape(b, t, d), new_cache
 
 
 def _attend(q: Array, blocks: list[tuple[Array, Array, Array]]) -> Array:
-    """Softmax attention of (pre-scaled) queries `q [B, T, K, G, hd]` over the keys and values of
+    """Softmax attention of (pre-scaled) queries `q [B, K, T, G, hd]` over the keys and values of
     all `blocks` together, each `(k, v [B, K, S_i, hd], mask [B, T, S_i])` (True = may attend):
-    one softmax over the concatenated key axis. Scores and softmax in float32. → [B, T, K, G, hd]."""
-    scores = [jnp.where(mask[:, None, None, :, :],
-                        jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32),
+    one softmax over the concatenated key axis. Scores and softmax in float32. → [B, K, T, G, hd]."""
+    scores = [jnp.where(mask[:, None, :, None, :],
+                        jnp.einsum("bktgd,bksd->bktgs", q, k, preferred_element_type=jnp.float32),
                         jnp.finfo(jnp.float32).min) for k, _, mask in blocks]
     probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1) if len(scores) > 1 else scores[0], axis=-1)
     out, start = 0, 0
     for k, v, _ in blocks:
         stop = start + k.shape[2]
         p = probs[..., start:stop].astype(v.dtype)
-        if q.shape[1] == 1:  # one query (decoding): a weighted sum over v as stored; as a product
+        if q.shape[2] == 1:  # one query (decoding): a weighted sum over v as stored; as a product
             # XLA:CPU transposes each layer's whole cached v at every step (measured: ~15% of a step)
-            out = out + jnp.sum(p[:, :, :, 0, :, None] * v[:, :, None], axis=3)[:, None]
+            out = out + jnp.sum(p[:, :, 0, :, :, None] * v[:, :, None], axis=3)[:, :, None]
         else:
-            out = out + jnp.einsum("bkgts,bksd->btkgd", p, v)
+            out = out + jnp.einsum("bktgs,bksd->bktgd", p, v)
         start = stop
     return out
 

@@ -291,7 +291,8 @@ def test_a_process_that_raises_ends_the_other_at_once(tmp_path):
     codes = _wait(procs, out, timeout=120)
     logs = [_log(out, i) for i in range(2)]
     assert codes == [75, 1], logs
-    assert "ValueError: a bad record in process 1's data shard" in logs[1]
+    # the traceback: checked piecewise, since Gloo's C++ logging can land between its writes
+    assert "ValueError" in logs[1] and "a bad record in process 1's data shard" in logs[1]
     assert "process 1 of 2 failed: ValueError: a bad record" in logs[0]
     assert "process 0 of 2 failed" not in logs[0]  # its watchdog's verdict (peer lost) is the only one
 
