@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lm.model import ModelConfig, Transformer, flops_per_token, matmul_params, param_count, rotary, swiglu
+from lm.model import (ModelConfig, Transformer, flops_per_token, matmul_params, matmuls, param_count, rotary,
+                      swiglu)
 
 CFG = ModelConfig(vocab_size=37, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=48)
 
@@ -91,6 +92,21 @@ def test_swiglu_gradients_equal_autodiff_and_it_saves_only_its_inputs():
     # what the forward pass keeps for the backward: swiglu its two inputs, autodiff more
     saved = lambda f: len(jax.tree.leaves(jax.vjp(f, gate, up)[1]))  # noqa: E731
     assert saved(swiglu) == 2 < saved(reference)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_matmuls_gradients_equal_autodiff(n):
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((40, 24)), jnp.float32)
+    ws = [jnp.asarray(rng.standard_normal((24, 8 * (i + 1))), jnp.float32) for i in range(n)]
+    grads = [jnp.asarray(rng.standard_normal((40, w.shape[1])), jnp.float32) for w in ws]
+    out, vjp = jax.vjp(matmuls, x, *ws)
+    ref_out, ref_vjp = jax.vjp(lambda x, *ws: tuple(x @ w for w in ws), x, *ws)
+    for got, want in zip(out, ref_out):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    for got, want in zip(vjp(tuple(grads)), ref_vjp(tuple(grads))):  # dx (summed over the weights), each dW
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_every_parameter_has_logical_axes_matching_its_rank(model):
