@@ -51,7 +51,7 @@ def test_run_directory_has_everything(tiny_run):
 
 
 def test_a_step_that_cannot_fit_stops_before_training(tmp_path):
-    proc = _run(f"--workdir={tmp_path}", "--config.mesh.device_memory_gib=0.001", check=False)
+    proc = _run(f"--workdir={tmp_path}", "--config.mesh.device_memory_gib=0.0001", check=False)
     assert proc.returncode != 0
     assert "DoesNotFit" in proc.stderr and "per device but" in proc.stderr
     assert not os.path.exists(os.path.join(tmp_path, "metrics.jsonl"))  # no step ran, nothing logged
