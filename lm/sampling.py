@@ -42,6 +42,7 @@ from flax import nnx
 
 from lm.filters import (  # noqa: F401  (re-exported: lm.sampling.top_k_filter, ...)
     apply_temperature, filter_logits, min_p_filter, sample_token, top_k_filter, top_p_filter)
+from lm.model import fuse_for_decoding
 
 Array = jax.Array
 F32 = jnp.float32
@@ -112,12 +113,14 @@ def split_layers(graphdef, params) -> _Layers:
 
     Why: inside a layer loop XLA:CPU copies each layer's weights out of the stacked array before its
     matmuls (about 3× the parameter bytes read per token, benchmarks/results/sampling.md); separate
-    buffers are read in place. Costs one extra copy of the block parameters while generating.
+    buffers are read in place. Each layer's q/k/v and gate/up weights are also put side by side
+    (`lm.model.fuse_for_decoding`). Costs one extra copy of the block parameters while generating.
     """
     model = nnx.merge(graphdef, params)
     block_graphdef, stacked = nnx.split(model.blocks)
-    num_layers = model.cfg.num_layers
-    return _Layers(block_graphdef, tuple(jax.tree.map(lambda x: x[i], stacked) for i in range(num_layers)))
+    layers = [nnx.merge(block_graphdef, jax.tree.map(lambda x: x[i], stacked)) for i in range(model.cfg.num_layers)]
+    splits = [nnx.split(fuse_for_decoding(block)) for block in layers]
+    return _Layers(splits[0][0], tuple(p for _, p in splits))
 
 
 def _init_cache(model, batch: int, max_len: int, unrolled: bool):

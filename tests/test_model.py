@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lm.model import (ModelConfig, Transformer, flops_per_token, matmul_params, matmuls, param_count, rotary,
-                      swiglu)
+from lm.model import (Block, ModelConfig, Transformer, flops_per_token, fuse_for_decoding, matmul_params, matmuls,
+                      param_count, rotary, swiglu)
 
 CFG = ModelConfig(vocab_size=37, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=48)
 
@@ -107,6 +107,19 @@ def test_matmuls_gradients_equal_autodiff(n):
     for got, want in zip(vjp(tuple(grads)), ref_vjp(tuple(grads))):  # dx (summed over the weights), each dW
         assert got.shape == want.shape
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_block_with_fused_projections_gives_the_same_output():
+    block = Block(CFG, rngs=nnx.Rngs(4))
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((2, 6, CFG.d_model)), jnp.float32)
+    pos = jnp.tile(jnp.arange(6, dtype=jnp.int32), (2, 1))
+    seg = jnp.ones((2, 6), jnp.int32)
+    want, _ = block(x, pos, seg, pos)
+    fused = fuse_for_decoding(nnx.clone(block))
+    assert fused.attn.wq is None and fused.attn.wqkv.shape == (CFG.d_model, (CFG.num_heads + 2 * CFG.num_kv_heads) * CFG.head_dim_)
+    assert fused.mlp.w_up is None and fused.mlp.w_gate_up.shape == (CFG.d_model, 2 * CFG.mlp_dim)
+    got, _ = fused(x, pos, seg, pos)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_every_parameter_has_logical_axes_matching_its_rank(model):
