@@ -310,7 +310,12 @@ def generate_batch(graphdef_or_model, params, prompts: Sequence[Sequence[int]], 
     key = jax.random.key(np.uint32(seed % 2**32))
     if unroll_layers is None:
         unroll_layers = jax.default_backend() == "cpu"
-    layers = split_layers(graphdef, params) if unroll_layers else None
+    if unroll_layers:
+        layers = split_layers(graphdef, params)
+    else:  # model.decode over the stacked blocks, with their q/k/v and gate/up weights fused
+        layers, fused = None, nnx.merge(graphdef, params)
+        fuse_for_decoding(fused.blocks)
+        graphdef, params = nnx.split(fused)
     state = _prefill(graphdef, params, layers, prompt, knobs, stop_ids, key, max_len=max_len,
                      max_new_tokens=new_tokens, keep_logits=keep_logits)
     chunk = new_tokens if chunk_size is None else chunk_size
