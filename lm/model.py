@@ -229,7 +229,8 @@ class Attention(nnx.Module):
         if self.wqkv is not None:  # one product for q, k and v (see `fuse_for_decoding`)
             q, k, v = jnp.split(x.reshape(b * t, d) @ self.wqkv[...].astype(dt), [h * hd, (h + kv) * hd], axis=1)
         else:
-            q, k, v = matmuls(x.reshape(b * t, d), *[w[...].astype(dt).reshape(d, -1) for w in (self.wq, self.wk, self.wv)])
+            ws = [w[...].astype(dt).reshape(d, -1) for w in (self.wq, self.wk, self.wv)]  # [D, heads·hd]
+            q, k, v = matmuls(x.reshape(b * t, d), *ws)
         q, k, v = q.reshape(b, t, h, hd), k.reshape(b, t, kv, hd), v.reshape(b, t, kv, hd)
         q = constrain(q, ("batch", "length", "heads", "head_dim"))  # [B, T, H, hd]
         k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
@@ -237,11 +238,11 @@ class Attention(nnx.Module):
         q = rotary(q, positions, cfg.rope_theta)
         k = rotary(k, positions, cfg.rope_theta).transpose(0, 2, 1, 3)  # [B, K, T, hd]: the layout the
         v = v.transpose(0, 2, 1, 3)  # score and value products read (and the cache keeps) without a copy
-        groups = cfg.num_heads // cfg.num_kv_heads
-        q = q * jnp.asarray(1 / math.sqrt(cfg.head_dim_), q.dtype)  # scale the [T, hd] side, not [T, S]
+        groups = h // kv
+        q = q * jnp.asarray(1 / math.sqrt(hd), q.dtype)  # scale the [T, hd] side, not [T, S]
         # [B, K, T, G, hd]: for each (batch, kv head) its T·G query rows are contiguous, so the score
         # and value products take q, and any causal block of it, without a copy
-        q = q.reshape(b, t, cfg.num_kv_heads, groups, cfg.head_dim_).transpose(0, 2, 1, 3, 4)
+        q = q.reshape(b, t, kv, groups, hd).transpose(0, 2, 1, 3, 4)
         new_cache = None
         block = cfg.attention_block
         if kv_cache is not None:
@@ -280,8 +281,8 @@ class Attention(nnx.Module):
                                               q_index[:, start:stop], q_index[:, :stop])
                 outs.append(_attend(q[:, :, start:stop], [(k[:, :, :stop], v[:, :, :stop], mask)]))
             out = jnp.concatenate(outs, axis=2)
-        out = out.transpose(0, 2, 1, 3, 4).reshape(b * t, cfg.num_heads * cfg.head_dim_)
-        wo = self.wo[...].astype(dt).reshape(cfg.num_heads * cfg.head_dim_, d)
+        out = out.transpose(0, 2, 1, 3, 4).reshape(b * t, h * hd)
+        wo = self.wo[...].astype(dt).reshape(h * hd, d)
         return matmuls(out, wo)[0].reshape(b, t, d), new_cache
 
 
@@ -380,7 +381,7 @@ def fuse_for_decoding(block: Block) -> Block:
     Also takes the stacked blocks of a Transformer (every weight with a leading layer axis).
 
     Why: at batch 1 each product costs ~20 µs on a CPU beyond reading its bytes; fused, the
-    benchmark model's decode step is ~1 ms faster (benchmarks/results/sampling.md).
+    benchmark model's decode step is ~0.5 ms faster (paired: 6.21 → 5.66 ms, benchmarks/README.md).
     """
     attn, mlp = block.attn, block.mlp
     flat = lambda w: w[...].reshape(*w.shape[:-2], -1)  # noqa: E731  [..., D, heads, hd] → [..., D, heads·hd]
