@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from configs import default
@@ -14,7 +15,7 @@ from lm import sharding as shd
 from lm import train
 from lm.model import ModelConfig
 from lm.objectives import pretrain
-from lm.optim import make_optimizer, weight_decay_mask
+from lm.optim import clip_by_global_norm, make_optimizer, weight_decay_mask
 
 CFG = ModelConfig(vocab_size=16, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64)
 
@@ -109,6 +110,21 @@ def test_weight_decay_skips_norm_scales():
     assert mask == {"embed": True, "final_norm": {"scale": False},
                     "blocks": {"attn_norm": {"scale": False}, "mlp": {"w_up": True}}}
     assert all(jax.tree.leaves(weight_decay_mask(params, decay_norms_and_biases=True)))
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 5.0, 13.0])
+def test_clipping_scales_to_the_max_norm_like_optax(max_norm):
+    # global norm of the tree below: sqrt(9 + 16 + 144) = 13
+    grads = {"a": jnp.asarray([3.0, 4.0]), "b": {"c": jnp.asarray([[12.0]])}}
+    clip = clip_by_global_norm(max_norm)
+    clipped, state = clip.update(grads, clip.init(grads))
+    reference, ref_state = optax.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
+    assert state == ref_state  # checkpoints of either optimizer restore into the other
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6), clipped, reference)
+    norm = float(optax.tree.norm(clipped))
+    assert norm == pytest.approx(min(13.0, max_norm), rel=1e-6)
+    if max_norm >= 13.0:  # at or below the threshold: the gradient exactly as it was
+        jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), clipped, grads)
 
 
 MESHES = [(8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2), (2, 4, 1)]
