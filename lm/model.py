@@ -218,8 +218,9 @@ class Attention(nnx.Module):
                  cache_index=None):
         """x [B, T, D] → ([B, T, D], updated (k, v) cache or None).
 
-        Without a cache, queries attend to the same T tokens. With `kv_cache = (k, v)`,
-        each `[B, K, S, hd]`, the queries attend to the cached slots before `cache_index`
+        Without a cache, queries attend to the same T tokens. With `kv_cache = (k, v)`, keys
+        stored transposed as `[B, K, hd, S]` and values as `[B, K, S, hd]` (see `init_cache`),
+        the queries attend to the cached slots before `cache_index`
         (masked by `kv_segment_ids [B, S]`, 0 = empty) and causally to the T new keys, in one
         softmax; the new keys/values are then written at slots `cache_index .. cache_index+T−1`.
         """
@@ -257,20 +258,21 @@ class Attention(nnx.Module):
                 kv_index = jnp.arange(n, dtype=jnp.int32)[None, :]
                 old = masking.attention_mask(q_segment_ids, kv_segment_ids[:, :n], q_index, kv_index)
                 old = old & (kv_index < cache_index)[:, None, :]  # [B, T, n]
-                return _attend(q, [(ck[:, :, :n].astype(dt), cv[:, :, :n].astype(dt), old), (k, v, new)])
+                return _attend(q, [(ck[..., :n].astype(dt), cv[:, :, :n].astype(dt), old, True),
+                                   (k, v, new, False)])
 
-            sizes = cache_sizes(ck.shape[2], cfg.decode_block)
+            sizes = cache_sizes(ck.shape[3], cfg.decode_block)
             if len(sizes) == 1:
                 out = attend_first(sizes[0])
             else:  # only the slots before cache_index hold keys: attend to the smallest size that covers them
                 which = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), cache_index)
                 out = jax.lax.switch(jnp.minimum(which, len(sizes) - 1), [functools.partial(attend_first, n)
                                                                           for n in sizes])
-            new_cache = (jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, cache_index, 0)),
+            new_cache = (jax.lax.dynamic_update_slice(ck, k.swapaxes(2, 3).astype(ck.dtype), (0, 0, 0, cache_index)),
                          jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, cache_index, 0)))
         elif not block or t <= block or t % block:
             mask = masking.attention_mask(q_segment_ids, q_segment_ids, q_index, q_index)  # [B, T, T]
-            out = _attend(q, [(k, v, mask)])
+            out = _attend(q, [(k, v, mask, False)])
         else:
             # Causal blocks: queries block i (positions i·c .. i·c+c−1) only need keys 0 .. i·c+c−1;
             # the keys after them are masked anyway, so skipping them changes no number.
@@ -279,24 +281,35 @@ class Attention(nnx.Module):
                 stop = start + block
                 mask = masking.attention_mask(q_segment_ids[:, start:stop], q_segment_ids[:, :stop],
                                               q_index[:, start:stop], q_index[:, :stop])
-                outs.append(_attend(q[:, :, start:stop], [(k[:, :, :stop], v[:, :, :stop], mask)]))
+                outs.append(_attend(q[:, :, start:stop], [(k[:, :, :stop], v[:, :, :stop], mask, False)]))
             out = jnp.concatenate(outs, axis=2)
         out = out.transpose(0, 2, 1, 3, 4).reshape(b * t, h * hd)
         wo = self.wo[...].astype(dt).reshape(h * hd, d)
         return matmuls(out, wo)[0].reshape(b, t, d), new_cache
 
 
-def _attend(q: Array, blocks: list[tuple[Array, Array, Array]]) -> Array:
+def _attend(q: Array, blocks: list[tuple[Array, Array, Array, bool]]) -> Array:
     """Softmax attention of (pre-scaled) queries `q [B, K, T, G, hd]` over the keys and values of
-    all `blocks` together, each `(k, v [B, K, S_i, hd], mask [B, T, S_i])` (True = may attend):
-    one softmax over the concatenated key axis. Scores and softmax in float32. → [B, K, T, G, hd]."""
-    scores = [jnp.where(mask[:, None, :, None, :],
-                        jnp.einsum("bktgd,bksd->bktgs", q, k, preferred_element_type=jnp.float32),
-                        jnp.finfo(jnp.float32).min) for k, _, mask in blocks]
-    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1) if len(scores) > 1 else scores[0], axis=-1)
+    all `blocks` together, each `(k, v [B, K, S_i, hd], mask [B, T, S_i], keys_transposed)` (mask
+    True = may attend; keys_transposed: k is `[B, K, hd, S_i]`, as the decode cache keeps it): one
+    softmax over the concatenated key axis. Scores and softmax in float32. → [B, K, T, G, hd]."""
+    f32 = jnp.float32
+
+    def scores(k, transposed):
+        if not transposed:
+            return jnp.einsum("bktgd,bksd->bktgs", q, k, preferred_element_type=f32)
+        if q.shape[2] == 1:  # one query per row (decoding): a product summed over hd, read along S as
+            # stored. As a dot XLA:CPU copies the key slice out of the cache first (measured: the score
+            # work of a batch-8 step 2.2× slower, benchmarks/README.md).
+            return jnp.sum(q.astype(f32)[..., None] * k.astype(f32)[:, :, None, None], axis=-2)
+        return jnp.einsum("bktgd,bkds->bktgs", q, k, preferred_element_type=f32)
+
+    masked = [jnp.where(mask[:, None, :, None, :], scores(k, transposed), jnp.finfo(f32).min)
+              for k, _, mask, transposed in blocks]
+    probs = jax.nn.softmax(jnp.concatenate(masked, axis=-1) if len(masked) > 1 else masked[0], axis=-1)
     out, start = 0, 0
-    for k, v, _ in blocks:
-        stop = start + k.shape[2]
+    for _, v, _, _ in blocks:
+        stop = start + v.shape[2]
         p = probs[..., start:stop].astype(v.dtype)
         if q.shape[2] == 1:  # one query (decoding): a weighted sum over v as stored; as a product
             # XLA:CPU transposes each layer's whole cached v at every step (measured: ~15% of a step)
@@ -472,12 +485,14 @@ class Transformer(nnx.Module):
     # -- decoding with a key/value cache --------------------------------------------------------
 
     def init_cache(self, batch_size: int, max_len: int) -> dict[str, Array]:
-        """An empty cache: k, v [L, B, K, S, hd] in the compute dtype and segment_ids [B, S] (0 = empty)."""
+        """An empty cache: k [L, B, K, hd, S] (keys transposed: a decode step's scores then read
+        them along S without a copy), v [L, B, K, S, hd], both in the compute dtype, and
+        segment_ids [B, S] (0 = empty)."""
         cfg = self.cfg
-        shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim_)
+        layers, kv, hd = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim_
         return {
-            "k": jnp.zeros(shape, cfg.compute_dtype),
-            "v": jnp.zeros(shape, cfg.compute_dtype),
+            "k": jnp.zeros((layers, batch_size, kv, hd, max_len), cfg.compute_dtype),
+            "v": jnp.zeros((layers, batch_size, kv, max_len, hd), cfg.compute_dtype),
             "segment_ids": jnp.zeros((batch_size, max_len), jnp.int32),
         }
 
