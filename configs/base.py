@@ -35,7 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.remat = False  # recompute block activations in the backward pass (saves memory)
     m.scan_layers = True  # lax.scan over the stacked blocks; False unrolls them (longer compile, faster on CPU)
     m.attention_block = 64  # causal attention in blocks of this many queries, skipping masked key blocks; 0: off
-    m.decode_block = 128  # cached decoding attends to the filled slots rounded up to a multiple of this; 0: all slots
+    m.decode_block = 0  # cached decoding attends to all slots; b > 0: the filled ones rounded up to a multiple of b
     m.init_scale = 1.0  # multiplies every initial standard deviation
 
     # -- loss (lm/losses.py) -----------------------------------------------------------------------

@@ -85,8 +85,9 @@ class ModelConfig:
     remat: bool = False  # recompute each block's activations in the backward pass
     attention_block: int = 0  # training attention in causal blocks of this many queries, skipping
     # the key blocks after each (exact; ~(1 + c/T)/2 of the score work); 0: one T×T block
-    decode_block: int = 128  # cached decoding attends to the filled cache slots rounded up to a
-    # multiple of this (at most 8 sizes, each compiled once: lax.switch); 0: always all slots
+    decode_block: int = 0  # 0: cached decoding attends to all cache slots (masked), the cost per
+    # token flat in the generated length; b > 0: to the filled slots rounded up to a multiple of b
+    # (at most 8 sizes, each compiled once: lax.switch), for caches much longer than what is used
     scan_layers: bool = True  # apply the stacked blocks with lax.scan (compile time flat in depth);
     # False unrolls them: a longer compile, but no stacked activation buffers to fill and slice
     init_scale: float = 1.0  # multiplies every initial standard deviation
@@ -250,7 +251,8 @@ class Attention(nnx.Module):
             # The queries attend to the cache as it was (slots before cache_index) and to the T
             # new keys, in one softmax; the cache is then updated. Reading the old cache rather
             # than the updated one leaves the update as the cache's only consumer, so XLA writes
-            # it in place instead of copying every layer's cache at every decode step.
+            # it in place instead of copying every layer's cache at every decode step (measured on
+            # a CPU: attending over the updated cache made XLA copy each cache buffer twice per step).
             ck, cv = kv_cache
             new = masking.attention_mask(q_segment_ids, q_segment_ids, q_index, q_index)  # [B, T, T]
 
@@ -265,6 +267,7 @@ class Attention(nnx.Module):
             if len(sizes) == 1:
                 out = attend_first(sizes[0])
             else:  # only the slots before cache_index hold keys: attend to the smallest size that covers them
+                # (a slice of the cache is a copy on a CPU: there this reads more than all slots would)
                 which = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), cache_index)
                 out = jax.lax.switch(jnp.minimum(which, len(sizes) - 1), [functools.partial(attend_first, n)
                                                                           for n in sizes])
@@ -293,31 +296,22 @@ def _attend(q: Array, blocks: list[tuple[Array, Array, Array, bool]]) -> Array:
     """Softmax attention of (pre-scaled) queries `q [B, K, T, G, hd]` over the keys and values of
     all `blocks` together, each `(k, v [B, K, S_i, hd], mask [B, T, S_i], keys_transposed)` (mask
     True = may attend; keys_transposed: k is `[B, K, hd, S_i]`, as the decode cache keeps it): one
-    softmax over the concatenated key axis. Scores and softmax in float32. → [B, K, T, G, hd]."""
+    softmax over the concatenated key axis. Scores and softmax in float32. → [B, K, T, G, hd].
+
+    Every product is a dot, also for one query per row (decoding): on a CPU, products summed by
+    hand wrote the whole [hd, S] product out before reducing it, ~2× slower than the dots over
+    the same slots (benchmarks/README.md, session 8)."""
     f32 = jnp.float32
-
-    def scores(k, transposed):
-        if not transposed:
-            return jnp.einsum("bktgd,bksd->bktgs", q, k, preferred_element_type=f32)
-        if q.shape[2] == 1:  # one query per row (decoding): a product summed over hd, read along S as
-            # stored. As a dot XLA:CPU copies the key slice out of the cache first (8 layers'
-            # attention over 320 slots, measured: batch 1 0.90 → 0.40 ms, batch 8 6.4 → 2.9 ms;
-            # benchmarks/README.md).
-            return jnp.sum(q.astype(f32)[..., None] * k.astype(f32)[:, :, None, None], axis=-2)
-        return jnp.einsum("bktgd,bkds->bktgs", q, k, preferred_element_type=f32)
-
-    masked = [jnp.where(mask[:, None, :, None, :], scores(k, transposed), jnp.finfo(f32).min)
+    masked = [jnp.where(mask[:, None, :, None, :],
+                        jnp.einsum("bktgd,bkds->bktgs" if transposed else "bktgd,bksd->bktgs", q, k,
+                                   preferred_element_type=f32),
+                        jnp.finfo(f32).min)
               for k, _, mask, transposed in blocks]
     probs = jax.nn.softmax(jnp.concatenate(masked, axis=-1) if len(masked) > 1 else masked[0], axis=-1)
     out, start = 0, 0
     for _, v, _, _ in blocks:
         stop = start + v.shape[2]
-        p = probs[..., start:stop].astype(v.dtype)
-        if q.shape[2] == 1:  # one query (decoding): a weighted sum over v as stored; as a product
-            # XLA:CPU transposes each layer's whole cached v at every step (measured: ~15% of a step)
-            out = out + jnp.sum(p[:, :, 0, :, :, None] * v[:, :, None], axis=3)[:, :, None]
-        else:
-            out = out + jnp.einsum("bktgs,bksd->bktgd", p, v)
+        out = out + jnp.einsum("bktgs,bksd->bktgd", probs[..., start:stop].astype(v.dtype), v)
         start = stop
     return out
 
@@ -358,6 +352,7 @@ class MLP(nnx.Module):
         out_std = cfg.init_scale / math.sqrt(f) / math.sqrt(2 * cfg.num_layers)
         self.w_down = _param(rngs, (f, d), out_std, ("mlp", "embed"))
         self.w_gate_up = nnx.data(None)  # [D, 2·mlp_dim]: w_gate and w_up side by side, set by `fuse_for_decoding`
+        self.w_down_t = nnx.data(None)  # [D, mlp_dim]: w_down transposed, set by `fuse_for_decoding`
         self.dtype = cfg.compute_dtype
 
     def __call__(self, x: Array) -> Array:
@@ -368,7 +363,11 @@ class MLP(nnx.Module):
         else:
             gate, up = matmuls(x2, self.w_gate[...].astype(dt), self.w_up[...].astype(dt))
         gate, up = constrain(gate, ("batch", "mlp")), constrain(up, ("batch", "mlp"))
-        out = matmuls(swiglu(gate, up), self.w_down[...].astype(dt))[0]
+        hidden = swiglu(gate, up)
+        if self.w_down_t is not None:  # w_down transposed, [D, mlp_dim] (see `fuse_for_decoding`)
+            out = jnp.einsum("mf,df->md", hidden, self.w_down_t[...].astype(dt))
+        else:
+            out = matmuls(hidden, self.w_down[...].astype(dt))[0]
         return out.reshape(x.shape)
 
 
@@ -390,19 +389,23 @@ class Block(nnx.Module):
 
 
 def fuse_for_decoding(block: Block) -> Block:
-    """Put `block`'s q, k, v weights side by side in one matrix, and its gate and up weights in
-    another, in place: a decode step then reads each with one matrix-vector product instead of
-    three and two (the same numbers). A copy for generating; training keeps separate weights.
-    Also takes the stacked blocks of a Transformer (every weight with a leading layer axis).
+    """Lay `block`'s weights out for matrix-vector products, in place: q, k, v side by side in one
+    matrix and gate and up in another (one product each instead of three and two, the same
+    numbers), and w_down transposed, [D, mlp_dim], so each output is a dot product along a
+    stored row. A copy for generating; training keeps separate weights. Also takes the stacked
+    blocks of a Transformer (every weight with a leading layer axis).
 
     Why: at batch 1 each product costs ~20 µs on a CPU beyond reading its bytes; fused, the
-    benchmark model's decode step is ~0.5 ms faster (paired: 6.21 → 5.66 ms, benchmarks/README.md).
+    benchmark model's decode step is ~0.5 ms faster (paired: 6.21 → 5.66 ms). XLA:CPU's product
+    [1, 1376] @ [1376, 512] ran at 47 GB/s with the weight in cache, against 124 GB/s for the
+    transposed weight (paired decode step: −0.09 ms; benchmarks/README.md).
     """
     attn, mlp = block.attn, block.mlp
     flat = lambda w: w[...].reshape(*w.shape[:-2], -1)  # noqa: E731  [..., D, heads, hd] → [..., D, heads·hd]
     attn.wqkv = nnx.Variable(jnp.concatenate([flat(attn.wq), flat(attn.wk), flat(attn.wv)], axis=-1))
     mlp.w_gate_up = nnx.Variable(jnp.concatenate([mlp.w_gate[...], mlp.w_up[...]], axis=-1))
-    attn.wq = attn.wk = attn.wv = mlp.w_gate = mlp.w_up = None
+    mlp.w_down_t = nnx.Variable(jnp.swapaxes(mlp.w_down[...], -1, -2))
+    attn.wq = attn.wk = attn.wv = mlp.w_gate = mlp.w_up = mlp.w_down = None
     return block
 
 

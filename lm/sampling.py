@@ -178,11 +178,10 @@ def _prefill(graphdef, params, layers, prompt, knobs, stop_ids, key, *, max_len,
 # XLA:CPU's default copy insertion copies every layer's k and v cache (read, then updated in place)
 # at every decode step: 3 copies per cache buffer, ~25 MB per token at 528 slots. Its region
 # analysis proves the update safe after the reads and writes in place (no copy). The option is a
-# field of XLA's DebugOptions, named for the CPU backend; other backends do not read it. The second
-# turns YNNPACK off in the loop: its products with a few rows ([8, 512] @ [512, 1376]) ran at half
-# the speed of XLA's own (Eigen) ones, measured: ~10% of a batch-8 step, no change at batch 1.
-_DECODE_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True,
-                            "xla_cpu_experimental_ynn_fusion_type": ""}
+# field of XLA's DebugOptions, named for the CPU backend; other backends do not read it. XLA's
+# YNNPACK fusions stay on (turning them off made batch-8 steps ~10% faster on an AMD EPYC but ~16%
+# slower on an Intel Xeon, and batch 1 no faster on either; benchmarks/README.md).
+_DECODE_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("state",),
