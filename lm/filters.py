@@ -35,13 +35,6 @@ def _drop(logits: Array, keep: Array) -> Array:
     return jnp.where(keep, logits, -jnp.inf)
 
 
-def _descending(x: Array) -> Array:
-    """x [..., V] sorted in descending order along the last axis. `lax.top_k` of all V: the same
-    values as `-sort(-x)`, ~40× faster on a CPU for V = 264 (0.4 against 16 µs; XLA:CPU's sort
-    calls a compiled comparator per comparison)."""
-    return jax.lax.top_k(x, x.shape[-1])[0]
-
-
 def apply_temperature(logits: Array, temperature) -> Array:
     """[..., V] → [..., V] float32: ``x / T`` for T > 0; for T = 0 only the first argmax stays finite."""
     logits = logits.astype(F32)
@@ -65,7 +58,7 @@ def top_k_filter(logits: Array, k) -> Array:
     k = jnp.asarray(k, jnp.int32)
 
     def filtered(x):
-        descending = _descending(x)
+        descending = -jnp.sort(-x, axis=-1)
         kth = jnp.take(descending, jnp.clip(k, 1, vocab) - 1, axis=-1)[..., None]
         return _drop(x, x >= kth)
 
@@ -83,7 +76,7 @@ def top_p_filter(logits: Array, p) -> Array:
 
     def filtered(x):
         probs = jax.nn.softmax(x, axis=-1)
-        descending = _descending(probs)
+        descending = -jnp.sort(-probs, axis=-1)
         mass_before = jnp.concatenate(  # exact exclusive cumsum: 0, q_(1), q_(1)+q_(2), …
             [jnp.zeros_like(descending[..., :1]), jnp.cumsum(descending[..., :-1], axis=-1)], axis=-1)
         members = jnp.sum(mass_before < p, axis=-1, keepdims=True)  # m ≥ 1 since 0 < p
