@@ -192,6 +192,30 @@ def _matmuls_bwd(saved, grads):
 matmuls.defvjp(_matmuls_fwd, _matmuls_bwd)
 
 
+def split_rows(w: Array, blocks: int) -> Array:
+    """[..., R, N] → [..., k, R/k, N]: the rows in k = `blocks` consecutive blocks (k = 1 where k
+    does not divide R). The decode layout of a weight (see `fuse_for_decoding`, `matmul_blocks`)."""
+    rows = w.shape[-2]
+    k = blocks if blocks >= 1 and rows % blocks == 0 else 1
+    return w.reshape(*w.shape[:-2], k, rows // k, w.shape[-1])
+
+
+def matmul_blocks(x: Array, w: Array) -> Array:
+    """x [M, R] @ w, with w `[k, R/k, N]` (`split_rows`). For one row (M = 1, decoding at batch 1):
+    k partial products, one per row block, as one batched product, then summed; otherwise the
+    plain product (w viewed as [R, N]). → [M, N].
+
+    Why: XLA:CPU runs [1, 512] @ [512, 1024] on one thread (73 µs), but spreads the k items of a
+    batched product over its threads: k = 2 on 2 cores, 39 µs; each weight shape of the benchmark
+    model 1.3–1.8× faster. From 2 rows on, its plain products are threaded and faster than the
+    blocks (8 rows: 99 against 124 µs). The same numbers up to float rounding (the sum is split).
+    """
+    k, r, n = w.shape
+    if k == 1 or x.shape[0] != 1:
+        return x @ w.reshape(k * r, n)
+    return jnp.einsum("kmr,krn->kmn", x.reshape(1, k, r).swapaxes(0, 1), w).sum(axis=0)
+
+
 def cache_sizes(slots: int, block: int) -> list[int]:
     """The cache lengths a decode step may attend over: multiples of `block` (raised until there
     are at most 8) up to `slots`, and `slots` itself. block 0: [slots]."""
@@ -212,7 +236,10 @@ class Attention(nnx.Module):
         self.wk = _param(rngs, (d, kv, hd), std, ("embed", "kv_heads", "head_dim"))
         self.wv = _param(rngs, (d, kv, hd), std, ("embed", "kv_heads", "head_dim"))
         self.wo = _param(rngs, (h, hd, d), out_std, ("heads", "head_dim", "embed"))
-        self.wqkv = nnx.data(None)  # [D, (H + 2K)·hd]: wq, wk, wv side by side, set by `fuse_for_decoding`
+        # the decode layout, set by `fuse_for_decoding`: wq, wk, wv side by side, [D, (H + 2K)·hd],
+        # and wo as [H·hd, D], each in row blocks (`split_rows`)
+        self.wqkv = nnx.data(None)
+        self.wo_blocks = nnx.data(None)
         self.cfg = cfg
 
     def __call__(self, x, positions, q_segment_ids, q_index, kv_cache=None, kv_segment_ids=None,
@@ -229,7 +256,8 @@ class Attention(nnx.Module):
         b, t, d = x.shape
         h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim_
         if self.wqkv is not None:  # one product for q, k and v (see `fuse_for_decoding`)
-            q, k, v = jnp.split(x.reshape(b * t, d) @ self.wqkv[...].astype(dt), [h * hd, (h + kv) * hd], axis=1)
+            qkv = matmul_blocks(x.reshape(b * t, d), self.wqkv[...].astype(dt))
+            q, k, v = jnp.split(qkv, [h * hd, (h + kv) * hd], axis=1)
         else:
             ws = [w[...].astype(dt).reshape(d, -1) for w in (self.wq, self.wk, self.wv)]  # [D, heads·hd]
             q, k, v = matmuls(x.reshape(b * t, d), *ws)
@@ -288,6 +316,8 @@ class Attention(nnx.Module):
                 outs.append(_attend(q[:, :, start:stop], [(k[:, :, :stop], v[:, :, :stop], mask, False)]))
             out = jnp.concatenate(outs, axis=2)
         out = out.transpose(0, 2, 1, 3, 4).reshape(b * t, h * hd)
+        if self.wo_blocks is not None:
+            return matmul_blocks(out, self.wo_blocks[...].astype(dt)).reshape(b, t, d), new_cache
         wo = self.wo[...].astype(dt).reshape(h * hd, d)
         return matmuls(out, wo)[0].reshape(b, t, d), new_cache
 
@@ -351,21 +381,23 @@ class MLP(nnx.Module):
         self.w_up = _param(rngs, (d, f), cfg.init_scale / math.sqrt(d), ("embed", "mlp"))
         out_std = cfg.init_scale / math.sqrt(f) / math.sqrt(2 * cfg.num_layers)
         self.w_down = _param(rngs, (f, d), out_std, ("mlp", "embed"))
-        self.w_gate_up = nnx.data(None)  # [D, 2·mlp_dim]: w_gate and w_up side by side, set by `fuse_for_decoding`
-        self.w_down_t = nnx.data(None)  # [D, mlp_dim]: w_down transposed, set by `fuse_for_decoding`
+        # the decode layout, set by `fuse_for_decoding`: w_gate and w_up side by side, [D, 2·mlp_dim],
+        # and w_down, each in row blocks (`split_rows`)
+        self.w_gate_up = nnx.data(None)
+        self.w_down_blocks = nnx.data(None)
         self.dtype = cfg.compute_dtype
 
     def __call__(self, x: Array) -> Array:
         dt = self.dtype
         x2 = x.reshape(-1, x.shape[-1])  # [B·T, D]: plain 2-D matmuls, forward and backward
         if self.w_gate_up is not None:  # one product for gate and up (see `fuse_for_decoding`)
-            gate, up = jnp.split(x2 @ self.w_gate_up[...].astype(dt), 2, axis=1)
+            gate, up = jnp.split(matmul_blocks(x2, self.w_gate_up[...].astype(dt)), 2, axis=1)
         else:
             gate, up = matmuls(x2, self.w_gate[...].astype(dt), self.w_up[...].astype(dt))
         gate, up = constrain(gate, ("batch", "mlp")), constrain(up, ("batch", "mlp"))
         hidden = swiglu(gate, up)
-        if self.w_down_t is not None:  # w_down transposed, [D, mlp_dim] (see `fuse_for_decoding`)
-            out = jnp.einsum("mf,df->md", hidden, self.w_down_t[...].astype(dt))
+        if self.w_down_blocks is not None:
+            out = matmul_blocks(hidden, self.w_down_blocks[...].astype(dt))
         else:
             out = matmuls(hidden, self.w_down[...].astype(dt))[0]
         return out.reshape(x.shape)
@@ -388,24 +420,27 @@ class Block(nnx.Module):
         return constrain(x + self.mlp(self.mlp_norm(x)), ("batch", "length", "embed")), new_cache
 
 
-def fuse_for_decoding(block: Block) -> Block:
-    """Lay `block`'s weights out for matrix-vector products, in place: q, k, v side by side in one
-    matrix and gate and up in another (one product each instead of three and two, the same
-    numbers), and w_down transposed, [D, mlp_dim], so each output is a dot product along a
-    stored row. A copy for generating; training keeps separate weights. Also takes the stacked
-    blocks of a Transformer (every weight with a leading layer axis).
+def fuse_for_decoding(block: Block, row_blocks: int = 1) -> Block:
+    """Lay `block`'s weights out for products with a few rows (decoding), in place: q, k, v side by
+    side in one matrix and gate and up in another (one product each instead of three and two, the
+    same numbers), and every weight's rows in `row_blocks` blocks (`split_rows`; `matmul_blocks`
+    runs the blocks as one batched product, which XLA:CPU spreads over its threads). A copy for
+    generating; training keeps separate weights. Also takes the stacked blocks of a Transformer
+    (every weight with a leading layer axis).
 
     Why: at batch 1 each product costs ~20 µs on a CPU beyond reading its bytes; fused, the
-    benchmark model's decode step is ~0.5 ms faster (paired: 6.21 → 5.66 ms). XLA:CPU's product
-    [1, 1376] @ [1376, 512] ran at 47 GB/s with the weight in cache, against 124 GB/s for the
-    transposed weight (paired decode step: −0.09 ms; benchmarks/README.md).
+    benchmark model's decode step is ~0.5 ms faster (paired: 6.21 → 5.66 ms); row blocks: see
+    `matmul_blocks`.
     """
     attn, mlp = block.attn, block.mlp
     flat = lambda w: w[...].reshape(*w.shape[:-2], -1)  # noqa: E731  [..., D, heads, hd] → [..., D, heads·hd]
-    attn.wqkv = nnx.Variable(jnp.concatenate([flat(attn.wq), flat(attn.wk), flat(attn.wv)], axis=-1))
-    mlp.w_gate_up = nnx.Variable(jnp.concatenate([mlp.w_gate[...], mlp.w_up[...]], axis=-1))
-    mlp.w_down_t = nnx.Variable(jnp.swapaxes(mlp.w_down[...], -1, -2))
-    attn.wq = attn.wk = attn.wv = mlp.w_gate = mlp.w_up = mlp.w_down = None
+    wqkv = jnp.concatenate([flat(attn.wq), flat(attn.wk), flat(attn.wv)], axis=-1)
+    wo = attn.wo[...].reshape(*attn.wo.shape[:-3], -1, attn.wo.shape[-1])  # [..., H·hd, D]
+    attn.wqkv = nnx.Variable(split_rows(wqkv, row_blocks))
+    attn.wo_blocks = nnx.Variable(split_rows(wo, row_blocks))
+    mlp.w_gate_up = nnx.Variable(split_rows(jnp.concatenate([mlp.w_gate[...], mlp.w_up[...]], axis=-1), row_blocks))
+    mlp.w_down_blocks = nnx.Variable(split_rows(mlp.w_down[...], row_blocks))
+    attn.wq = attn.wk = attn.wv = attn.wo = mlp.w_gate = mlp.w_up = mlp.w_down = None
     return block
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Callable, NamedTuple, Sequence
 
 import jax
@@ -108,18 +109,26 @@ class _Layers:
     params: tuple  # L pytrees of one layer's parameters each
 
 
+def _row_blocks() -> int:
+    """Row blocks of the decode weights (`lm.model.fuse_for_decoding`): 2 on a CPU with 2 or more
+    cores, where XLA runs the two halves of a small product on two threads (measured on 2 cores;
+    4 blocks were no faster there); 1 elsewhere."""
+    return 2 if jax.default_backend() == "cpu" and (os.cpu_count() or 1) >= 2 else 1
+
+
 def split_layers(graphdef, params) -> _Layers:
     """Copy the stacked block parameters [L, ...] into L per-layer pytrees (outside jit, once per call).
 
     Why: inside a layer loop XLA:CPU copies each layer's weights out of the stacked array before its
     matmuls (about 3× the parameter bytes read per token, benchmarks/results/sampling.md); separate
-    buffers are read in place. Each layer's q/k/v and gate/up weights are also put side by side
-    (`lm.model.fuse_for_decoding`). Costs one extra copy of the block parameters while generating.
+    buffers are read in place. Each layer's weights are also laid out for decoding: q/k/v and
+    gate/up side by side, rows in blocks (`lm.model.fuse_for_decoding`). Costs one extra copy of
+    the block parameters while generating.
     """
     model = nnx.merge(graphdef, params)
     block_graphdef, stacked = nnx.split(model.blocks)
     layers = [nnx.merge(block_graphdef, jax.tree.map(lambda x: x[i], stacked)) for i in range(model.cfg.num_layers)]
-    splits = [nnx.split(fuse_for_decoding(block)) for block in layers]
+    splits = [nnx.split(fuse_for_decoding(block, _row_blocks())) for block in layers]
     return _Layers(splits[0][0], tuple(p for _, p in splits))
 
 
@@ -313,7 +322,7 @@ def generate_batch(graphdef_or_model, params, prompts: Sequence[Sequence[int]], 
         layers = split_layers(graphdef, params)
     else:  # model.decode over the stacked blocks, with their q/k/v and gate/up weights fused
         layers, fused = None, nnx.merge(graphdef, params)
-        fuse_for_decoding(fused.blocks)
+        fuse_for_decoding(fused.blocks, _row_blocks())
         graphdef, params = nnx.split(fused)
     state = _prefill(graphdef, params, layers, prompt, knobs, stop_ids, key, max_len=max_len,
                      max_new_tokens=new_tokens, keep_logits=keep_logits)

@@ -109,15 +109,20 @@ def test_matmuls_gradients_equal_autodiff(n):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_a_block_with_fused_projections_gives_the_same_output():
+@pytest.mark.parametrize("row_blocks", [1, 2, 3])  # 3 divides only mlp_dim here: the rest stay 1 block
+def test_a_block_with_fused_projections_gives_the_same_output(row_blocks):
     block = Block(CFG, rngs=nnx.Rngs(4))
     x = jnp.asarray(np.random.default_rng(4).standard_normal((2, 6, CFG.d_model)), jnp.float32)
     pos = jnp.tile(jnp.arange(6, dtype=jnp.int32), (2, 1))
     seg = jnp.ones((2, 6), jnp.int32)
     want, _ = block(x, pos, seg, pos)
-    fused = fuse_for_decoding(nnx.clone(block))
-    assert fused.attn.wq is None and fused.attn.wqkv.shape == (CFG.d_model, (CFG.num_heads + 2 * CFG.num_kv_heads) * CFG.head_dim_)
-    assert fused.mlp.w_up is None and fused.mlp.w_gate_up.shape == (CFG.d_model, 2 * CFG.mlp_dim)
+    fused = fuse_for_decoding(nnx.clone(block), row_blocks=row_blocks)
+    d, qkv, f = CFG.d_model, (CFG.num_heads + 2 * CFG.num_kv_heads) * CFG.head_dim_, CFG.mlp_dim
+    split = lambda rows, n: (row_blocks, rows // row_blocks, n) if rows % row_blocks == 0 else (1, rows, n)  # noqa: E731
+    assert fused.attn.wq is None and fused.attn.wqkv.shape == split(d, qkv)
+    assert fused.attn.wo is None and fused.attn.wo_blocks.shape == split(CFG.num_heads * CFG.head_dim_, d)
+    assert fused.mlp.w_up is None and fused.mlp.w_gate_up.shape == split(d, 2 * f)
+    assert fused.mlp.w_down is None and fused.mlp.w_down_blocks.shape == split(f, d)
     got, _ = fused(x, pos, seg, pos)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 

@@ -212,6 +212,17 @@ def test_cached_logits_equal_full_recomputation_at_every_step(model, unroll_laye
     np.testing.assert_allclose(np.stack(cached), _recompute_last_logits(model, prefixes), atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("row_blocks", [1, 2])
+def test_one_row_decoding_with_weights_in_row_blocks_equals_full_recomputation(model, row_blocks, monkeypatch):
+    """Batch 1: each decode product has one row, so with row blocks (`lm.model.matmul_blocks`) it is
+    computed as k partial products summed; the logits still equal a full forward pass."""
+    monkeypatch.setattr(sampling, "_row_blocks", lambda: row_blocks)
+    prompt = PROMPTS[1]
+    out = _run(model, prompts=[prompt], temperature=1.0)
+    prefixes = [prompt + out.tokens[0, :i].tolist() for i in range(NEW)]
+    np.testing.assert_allclose(out.logits[0], _recompute_last_logits(model, prefixes), atol=2e-5, rtol=1e-5)
+
+
 def test_greedy_decoding_takes_the_argmax_of_the_cached_logits(model):
     out = _run(model, temperature=0.0)
     np.testing.assert_array_equal(out.tokens, out.logits.argmax(-1))
