@@ -128,7 +128,8 @@ def split_layers(graphdef, params) -> _Layers:
     model = nnx.merge(graphdef, params)
     block_graphdef, stacked = nnx.split(model.blocks)
     layers = [nnx.merge(block_graphdef, jax.tree.map(lambda x: x[i], stacked)) for i in range(model.cfg.num_layers)]
-    splits = [nnx.split(fuse_for_decoding(block, _row_blocks())) for block in layers]
+    row_blocks = _row_blocks()
+    splits = [nnx.split(fuse_for_decoding(block, row_blocks)) for block in layers]
     return _Layers(splits[0][0], tuple(p for _, p in splits))
 
 
@@ -320,7 +321,7 @@ def generate_batch(graphdef_or_model, params, prompts: Sequence[Sequence[int]], 
         unroll_layers = jax.default_backend() == "cpu"
     if unroll_layers:
         layers = split_layers(graphdef, params)
-    else:  # model.decode over the stacked blocks, with their q/k/v and gate/up weights fused
+    else:  # model.decode over the stacked blocks, laid out for decoding (`fuse_for_decoding`)
         layers, fused = None, nnx.merge(graphdef, params)
         fuse_for_decoding(fused.blocks, _row_blocks())
         graphdef, params = nnx.split(fused)
