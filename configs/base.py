@@ -38,7 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.decode_block = 0  # cached decoding attends to all slots; b > 0: the filled ones rounded up to a multiple of b
     m.init_scale = 1.0  # multiplies every initial standard deviation
 
-    # -- loss (lm/losses.py) -----------------------------------------------------------------------
+    # -- loss (lm/losses/) --------------------------------------------------------------------------
     loss = c.loss = ml_collections.ConfigDict()
     loss.kind = "explicit"  # 'explicit': logits then cross_entropy; 'fused': fused_cross_entropy
     loss.chunk_size = 1024  # tokens per chunk of the fused loss

@@ -1,6 +1,5 @@
-"""Cross-entropy losses for language models, in pure ``jax.numpy``.
-
-Everything here depends only on ``jax``; import it into any JAX project.
+"""Token-level cross-entropy against integer targets: explicit logits, or fused with the output
+projection so the ``[..., V]`` logits are never built.
 
 Notation: logits ``x`` of shape ``[..., V]`` give the model distribution
 ``q = softmax(x)``, ``log q_v = x_v - lse(x)``, ``lse(x) = log Σ_v exp x_v``.
@@ -26,26 +25,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-F32 = jnp.float32
+from lm.losses.sums import F32, mean_of
+from lm.losses.sums import prepare_mask as _prepare_mask
+
 _CHUNK_BYTES = 64 * 2**20  # auto chunk: about this many bytes of f32 logits per chunk
 _DK_BLOCK_ELEMS = 8 * 2**20  # kernel-gradient update block: [D, 8Mi/D] f32 = 32 MiB
-
-
-def mean_of(total_sum, total_count):
-    """``total_sum / total_count``, or 0 where ``total_count == 0``.
-
-    Elementwise (``total_sum`` may be a gradient array); a floating
-    ``total_sum`` keeps its dtype, anything else becomes float32.  The gradient
-    is ``1/total_count`` times the gradient of ``total_sum``, and exactly zero
-    (never NaN) when the count is 0.
-    """
-    total_sum = jnp.asarray(total_sum)
-    if not jnp.issubdtype(total_sum.dtype, jnp.floating):
-        total_sum = total_sum.astype(F32)
-    total_count = jnp.asarray(total_count, F32)
-    nonzero = total_count != 0
-    ratio = total_sum / jnp.where(nonzero, total_count, 1.0)
-    return jnp.where(nonzero, ratio, 0.0).astype(total_sum.dtype)
 
 
 class LossOutput(NamedTuple):
@@ -71,17 +55,6 @@ class LossOutput(NamedTuple):
         """correct_sum / count, 0 when count is 0."""
         return mean_of(self.correct_sum, self.count)
 
-
-def _prepare_mask(mask, shape):
-    """Float32 weights broadcast to ``shape``; they never carry a gradient."""
-    if mask is None:
-        return jnp.ones(shape, F32)
-    mask = jnp.asarray(mask)
-    try:
-        mask = jnp.broadcast_to(mask.astype(F32), shape)
-    except ValueError:
-        raise ValueError(f"mask of shape {mask.shape} does not broadcast to targets {shape}") from None
-    return jax.lax.stop_gradient(mask)
 
 
 def _token_stats(logits, targets, z_loss, label_smoothing):
@@ -344,80 +317,3 @@ def fused_cross_entropy(hidden, kernel, targets, mask=None, *, chunk_size=None, 
     return LossOutput(total, jnp.sum(mask), nll_sum, z_sum, jax.lax.stop_gradient(correct_sum),
                       unpad(per_token), unpad(logprob))
 
-
-# ----------------------------------------------------------------------------
-# Distribution-level quantities (seed 000): H(p), H(p, q), KL(p‖q).
-# ----------------------------------------------------------------------------
-
-class TokenStats(NamedTuple):
-    """A per-position quantity with its masked sum and count (float32)."""
-    per_token: jax.Array  # [...]: value · mask (0 where masked)
-    sum: jax.Array        # []: Σ mask·value
-    count: jax.Array      # []: Σ mask
-
-    @property
-    def mean(self):
-        return mean_of(self.sum, self.count)
-
-
-def _stats(values, mask):
-    mask = _prepare_mask(mask, values.shape)
-    per_token = jnp.where(mask != 0, values, 0.0) * mask
-    return TokenStats(per_token, jnp.sum(per_token), jnp.sum(mask))
-
-
-def _plogp_terms(logits):
-    """(p, log p) from logits ``[..., V]`` with log p set to 0 where p = 0 (so 0·log 0 = 0)."""
-    logp = jax.nn.log_softmax(jnp.asarray(logits).astype(F32), axis=-1)
-    p = jnp.exp(logp)
-    return p, jnp.where(p > 0, logp, 0.0)
-
-
-def entropy(logits, mask=None) -> TokenStats:
-    """Entropy ``H(p) = -Σ_v p_v log p_v`` of ``p = softmax(logits)``, logits ``[..., V]``.
-
-    Logits of ``-inf`` (excluded tokens) are allowed. Mask ``[...]`` as elsewhere.
-    """
-    p, logp = _plogp_terms(logits)
-    return _stats(-jnp.sum(p * logp, axis=-1), mask)
-
-
-def soft_cross_entropy(logits, target_probs, mask=None) -> TokenStats:
-    """Cross-entropy ``H(p, q) = -Σ_v p_v log q_v`` against a soft target ``p``.
-
-    Args:
-      logits: ``[..., V]`` model logits, ``q = softmax(logits)``.
-      target_probs: ``[..., V]`` target distribution p (rows sum to 1; one-hot
-        rows reduce this to :func:`cross_entropy`). Use ``jax.nn.softmax`` of a
-        teacher's logits for distillation. It gets no gradient through here
-        only if you stop it yourself.
-    """
-    logq = jax.nn.log_softmax(jnp.asarray(logits).astype(F32), axis=-1)
-    p = jnp.asarray(target_probs).astype(F32)
-    if p.shape != logq.shape:
-        raise ValueError(f"target_probs {p.shape} must match logits {logq.shape}")
-    return _stats(-jnp.sum(jnp.where(p > 0, p * logq, 0.0), axis=-1), mask)
-
-
-def kl_divergence(p_logits, q_logits, mask=None) -> TokenStats:
-    """``KL(p‖q) = Σ_v p_v (log p_v - log q_v)`` with p, q = softmax of the logits.
-
-    Both ``[..., V]``. KL is not symmetric: ``kl_divergence(p, q)`` is the
-    forward ("mean-seeking", e.g. data‖model) divergence, and the reverse
-    ("mode-seeking", e.g. policy‖reference in RLHF) is ``kl_divergence(q, p)``.
-    ``H(p, q) = H(p) + KL(p‖q)`` (tested).
-    """
-    p, logp = _plogp_terms(p_logits)
-    logq = jax.nn.log_softmax(jnp.asarray(q_logits).astype(F32), axis=-1)
-    if logq.shape != p.shape:
-        raise ValueError(f"q_logits {logq.shape} must match p_logits {p.shape}")
-    return _stats(jnp.sum(jnp.where(p > 0, p * (logp - logq), 0.0), axis=-1), mask)
-
-
-def sequence_logprobs(target_logprobs, mask):
-    """``Σ_t mask_t · log q(y_t)`` over the last axis: ``[B, T] -> [B]`` (for DPO / RL).
-
-    Masked positions contribute exactly 0 even if their log-prob is NaN.
-    """
-    mask = jnp.asarray(mask).astype(F32)
-    return jnp.sum(jnp.where(mask != 0, target_logprobs, 0.0) * mask, axis=-1)

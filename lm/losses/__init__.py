@@ -1,0 +1,18 @@
+"""Losses for language models, in pure ``jax.numpy``: depends only on ``jax``; import it (or copy
+this folder) into any JAX project.
+
+Every loss returns a **sum** and a **count** (the total of its float weights), not only a mean:
+sum the pairs over micro-batches and devices, then divide once with :func:`mean_of`. A split
+batch then gives exactly the whole batch's loss and gradient, and a count of 0 gives 0 and a zero
+gradient, never NaN. All math runs in float32 whatever the input dtype.
+
+    sums.py           mean_of: the (sum, count) convention
+    cross_entropy.py  next-token cross-entropy (explicit logits, or fused with the output projection)
+    divergences.py    entropy, soft cross-entropy, KL, summed sequence log-probabilities
+"""
+from lm.losses.cross_entropy import LossOutput, cross_entropy, fused_cross_entropy
+from lm.losses.divergences import TokenStats, entropy, kl_divergence, sequence_logprobs, soft_cross_entropy
+from lm.losses.sums import mean_of
+
+__all__ = ["LossOutput", "TokenStats", "cross_entropy", "entropy", "fused_cross_entropy", "kl_divergence",
+           "mean_of", "sequence_logprobs", "soft_cross_entropy"]
