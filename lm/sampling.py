@@ -9,12 +9,11 @@ Prompts of different lengths are LEFT-padded to a common length P (pad: token 0,
 attended to; real tokens: segment 1, positions 0, 1, … from each row's first real token), so every
 row's next token goes into the same cache slot. The prompt fills slots 0 … P−1 in one forward call;
 generated token i is sampled from the logits of step i and fed back at slot P+i, position
-``len(prompt)+i``. The forward call is ``model.decode`` (the model's own attention code, masking by
-cache slot and segment, a scan over stacked layers), or on CPU by default the same Block modules
-run unrolled over per-layer copies of the parameters (``split_layers``: XLA:CPU would otherwise
-copy every layer's weights out of the stacked array at every step, about 4× slower). The cache has
-``max_len ≥ P + max_new_tokens`` slots, all of them attended over (masked) at every step, so the
-cost per token does not grow with the generated length.
+``len(prompt)+i``. Each call is the model's one forward pass (``Transformer.forward`` with the cache)
+on a copy of the model laid out for decoding (``lm.model.cpu.for_decoding``: fused, row-blocked
+weights, and on a CPU per-layer modules). The cache has ``max_len ≥ P + max_new_tokens`` slots, all
+of them attended over (masked) at every step, so the cost per token does not grow with the
+generated length.
 
 The loop is a ``lax.while_loop`` inside ``jax.jit``, stopping when all rows have produced a stop
 token or ``max_new_tokens`` tokens. A row that stopped keeps running (batched) but its outputs are
@@ -33,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Callable, NamedTuple, Sequence
 
 import jax
@@ -43,7 +41,7 @@ from flax import nnx
 
 from lm.filters import (  # noqa: F401  (re-exported: lm.sampling.top_k_filter, ...)
     apply_temperature, filter_logits, min_p_filter, sample_token, top_k_filter, top_p_filter)
-from lm.model import fuse_for_decoding
+from lm.model.cpu import for_decoding
 
 Array = jax.Array
 F32 = jnp.float32
@@ -100,74 +98,20 @@ def _is_stop(tokens: Array, stop_ids: Array) -> Array:
     return jnp.any(tokens[:, None] == stop_ids[None, :], axis=-1)
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["params"], meta_fields=["graphdef"])
-@dataclasses.dataclass(frozen=True)
-class _Layers:
-    """The blocks' parameters split per layer, for the unrolled path (a pytree; graphdef is static)."""
-
-    graphdef: nnx.GraphDef  # of one Block
-    params: tuple  # L pytrees of one layer's parameters each
-
-
-def _row_blocks() -> int:
-    """Row blocks of the decode weights (`lm.model.fuse_for_decoding`): 2 on a CPU with 2 or more
-    cores, where XLA runs the two halves of a small product on two threads (measured on 2 cores;
-    4 blocks were no faster there); 1 elsewhere."""
-    return 2 if jax.default_backend() == "cpu" and (os.cpu_count() or 1) >= 2 else 1
-
-
-def split_layers(graphdef, params) -> _Layers:
-    """Copy the stacked block parameters [L, ...] into L per-layer pytrees (outside jit, once per call).
-
-    Why: inside a layer loop XLA:CPU copies each layer's weights out of the stacked array before its
-    matmuls (about 3× the parameter bytes read per token, benchmarks/results/sampling.md); separate
-    buffers are read in place. Each layer's weights are also laid out for decoding: q/k/v and
-    gate/up side by side, rows in blocks (`lm.model.fuse_for_decoding`). Costs one extra copy of
-    the block parameters while generating.
-    """
-    model = nnx.merge(graphdef, params)
-    block_graphdef, stacked = nnx.split(model.blocks)
-    layers = [nnx.merge(block_graphdef, jax.tree.map(lambda x: x[i], stacked)) for i in range(model.cfg.num_layers)]
-    row_blocks = _row_blocks()
-    splits = [nnx.split(fuse_for_decoding(block, row_blocks)) for block in layers]
-    return _Layers(splits[0][0], tuple(p for _, p in splits))
-
-
-def _init_cache(model, batch: int, max_len: int, unrolled: bool):
-    cache = model.init_cache(batch, max_len)
-    if not unrolled:
-        return cache
-    kv = tuple((cache["k"][i], cache["v"][i]) for i in range(model.cfg.num_layers))
-    return {"kv": kv, "segment_ids": cache["segment_ids"]}
-
-
-def _forward(model, layers: _Layers | None, inputs, positions, segment_ids, cache, cache_index):
-    """`model.decode` (layers None), or the same computation with the layer loop unrolled over
-    per-layer parameters and caches, calling the model's own Block (its attention code) per layer.
-    inputs, positions, segment_ids [B, T] → (logits of the last position [B, V] float32, cache)."""
-    if layers is None:
-        logits, cache = model.decode(inputs, positions, segment_ids, cache, cache_index)
-        return logits[:, -1].astype(F32), cache
-    kv_segment_ids = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids, (0, cache_index))
-    x = jnp.take(model.embed[...], inputs, axis=0).astype(model.cfg.compute_dtype)
-    q_index = (cache_index + jnp.arange(inputs.shape[1], dtype=jnp.int32))[None, :]
-    new_kv = []
-    for layer_params, layer_kv in zip(layers.params, cache["kv"]):
-        block = nnx.merge(layers.graphdef, layer_params)
-        x, layer_kv = block(x, positions, segment_ids, q_index, layer_kv, kv_segment_ids, cache_index)
-        new_kv.append(layer_kv)
-    logits = model.logits_from_hidden(model.final_norm(x[:, -1]))  # only the last position is sampled
-    return logits.astype(F32), {"kv": tuple(new_kv), "segment_ids": kv_segment_ids}
+def _last_logits(model, inputs, positions, segment_ids, cache, cache_index):
+    """The model's forward pass over the cache → (logits of the last position [B, V] float32, cache)."""
+    hidden, cache = model.forward(inputs, positions, segment_ids, cache=cache, cache_index=cache_index)
+    return model.logits_from_hidden(hidden[:, -1]).astype(F32), cache  # only the last position is sampled
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_len", "max_new_tokens", "keep_logits"))
-def _prefill(graphdef, params, layers, prompt, knobs, stop_ids, key, *, max_len, max_new_tokens, keep_logits):
+def _prefill(graphdef, params, prompt, knobs, stop_ids, key, *, max_len, max_new_tokens, keep_logits):
     """Run the padded prompt through an empty cache and sample token 0: returns the loop state."""
     model = nnx.merge(graphdef, params)
     tokens, positions, segment_ids = prompt["tokens"], prompt["positions"], prompt["segment_ids"]
     batch, prompt_len = tokens.shape
-    cache = _init_cache(model, batch, max_len, unrolled=layers is not None)
-    logits, cache = _forward(model, layers, tokens, positions, segment_ids, cache, jnp.int32(0))
+    cache = model.init_cache(batch, max_len)
+    logits, cache = _last_logits(model, tokens, positions, segment_ids, cache, jnp.int32(0))
     # left padding puts every row's last real token at P−1: logits [B, V] are each row's next token's
     row_keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(batch))
     token = _sample_rows(row_keys, 0, logits, knobs)
@@ -196,7 +140,7 @@ _DECODE_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("state",),
                    compiler_options=_DECODE_COMPILER_OPTIONS)
-def _decode_chunk(graphdef, params, layers, state, knobs, stop_ids, stop_at):
+def _decode_chunk(graphdef, params, state, knobs, stop_ids, stop_at):
     """Continue the loop until `step` reaches `stop_at` or every row is done; returns the state."""
     max_new_tokens = state["tokens"].shape[1]
 
@@ -209,8 +153,8 @@ def _decode_chunk(graphdef, params, layers, state, knobs, stop_ids, stop_at):
         previous = jax.lax.dynamic_index_in_dim(s["tokens"], i - 1, axis=1, keepdims=True)  # [B, 1]
         previous = jnp.maximum(previous, 0)  # stopped rows hold −1: feed any valid id
         positions = (s["lengths"] + i - 1)[:, None]
-        logits, cache = _forward(model, layers, previous, positions, jnp.ones_like(previous), s["cache"],
-                                 s["prompt_len"] + i - 1)
+        logits, cache = _last_logits(model, previous, positions, jnp.ones_like(previous), s["cache"],
+                                     s["prompt_len"] + i - 1)
         token = _sample_rows(s["row_keys"], i, logits, knobs)
         token = jnp.where(s["done"], -1, token)
         s = dict(s, cache=cache, step=i + 1, done=s["done"] | _is_stop(token, stop_ids),
@@ -293,8 +237,8 @@ def generate_batch(graphdef_or_model, params, prompts: Sequence[Sequence[int]], 
     max_len: cache slots (≥ longest prompt + max_new_tokens; None: just enough). chunk_size:
     tokens per jitted call (None: all in one); after each call `on_chunk(new)` gets, per row, the
     tokens produced by it (stopped rows: []). keep_logits: also return every step's logits [B, N, V].
-    unroll_layers: run the layers unrolled over per-layer parameter copies (`split_layers`) instead
-    of `model.decode`'s scan over the stacked ones; None: unrolled on CPU, where it is faster.
+    unroll_layers: decode with per-layer copies of the blocks (lm/model/cpu.py) instead of the
+    stacked ones; None: per-layer on CPU, where it is faster.
     """
     if not isinstance(sampling, SamplingConfig):
         raise TypeError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
@@ -304,7 +248,7 @@ def generate_batch(graphdef_or_model, params, prompts: Sequence[Sequence[int]], 
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
     graphdef, params = _split(graphdef_or_model, params)
     model = nnx.merge(graphdef, params)  # on the host: only to read the config
-    if not all(hasattr(model, name) for name in ("cfg", "init_cache", "decode", "blocks")):
+    if not all(hasattr(model, name) for name in ("cfg", "init_cache", "forward", "blocks")):
         raise TypeError(f"generate needs an lm.model.Transformer (or its graphdef), got {type(model).__name__}")
     vocab_size = model.cfg.vocab_size
     if any(not 0 <= i < vocab_size for i in sampling.stop_ids):
@@ -317,22 +261,16 @@ def generate_batch(graphdef_or_model, params, prompts: Sequence[Sequence[int]], 
     stop_ids = np.full((max(slots, 4),), -1, np.int32)
     stop_ids[:len(sampling.stop_ids)] = sampling.stop_ids
     key = jax.random.key(np.uint32(seed % 2**32))
-    if unroll_layers is None:
-        unroll_layers = jax.default_backend() == "cpu"
-    if unroll_layers:
-        layers = split_layers(graphdef, params)
-    else:  # model.decode over the stacked blocks, laid out for decoding (`fuse_for_decoding`)
-        layers, fused = None, nnx.merge(graphdef, params)
-        fuse_for_decoding(fused.blocks, _row_blocks())
-        graphdef, params = nnx.split(fused)
-    state = _prefill(graphdef, params, layers, prompt, knobs, stop_ids, key, max_len=max_len,
+    # the model laid out for decoding (fused, row-blocked weights; per-layer on CPU): lm/model/cpu.py
+    graphdef, params = nnx.split(for_decoding(nnx.merge(graphdef, params), per_layer=unroll_layers))
+    state = _prefill(graphdef, params, prompt, knobs, stop_ids, key, max_len=max_len,
                      max_new_tokens=new_tokens, keep_logits=keep_logits)
     chunk = new_tokens if chunk_size is None else chunk_size
     stop_at, emitted, step = 0, 0, 1  # the prefill produced token 0
     while True:
         stop_at = min(stop_at + chunk, new_tokens)
         if stop_at > step:
-            state = _decode_chunk(graphdef, params, layers, state, knobs, stop_ids, np.int32(stop_at))
+            state = _decode_chunk(graphdef, params, state, knobs, stop_ids, np.int32(stop_at))
         step, all_done = int(state["step"]), bool(jnp.all(state["done"]))
         if on_chunk is not None:
             block = np.asarray(state["tokens"][:, emitted:step])

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lm.model import (Block, ModelConfig, Transformer, flops_per_token, fuse_for_decoding, matmul_params, matmuls,
-                      param_count, rotary, swiglu)
+from lm.model import (Block, ModelConfig, Transformer, flops_per_token, matmul_params, matmuls, param_count, rotary,
+                      swiglu)
+from lm.model.cpu import FusedAttention, FusedMLP, for_decoding, fuse_block
 
 CFG = ModelConfig(vocab_size=37, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=48)
 
@@ -116,15 +117,29 @@ def test_a_block_with_fused_projections_gives_the_same_output(row_blocks):
     pos = jnp.tile(jnp.arange(6, dtype=jnp.int32), (2, 1))
     seg = jnp.ones((2, 6), jnp.int32)
     want, _ = block(x, pos, seg, pos)
-    fused = fuse_for_decoding(nnx.clone(block), row_blocks=row_blocks)
+    fused = fuse_block(nnx.clone(block), row_blocks=row_blocks)
     d, qkv, f = CFG.d_model, (CFG.num_heads + 2 * CFG.num_kv_heads) * CFG.head_dim_, CFG.mlp_dim
     split = lambda rows, n: (row_blocks, rows // row_blocks, n) if rows % row_blocks == 0 else (1, rows, n)  # noqa: E731
-    assert fused.attn.wq is None and fused.attn.wqkv.shape == split(d, qkv)
-    assert fused.attn.wo is None and fused.attn.wo_blocks.shape == split(CFG.num_heads * CFG.head_dim_, d)
-    assert fused.mlp.w_up is None and fused.mlp.w_gate_up.shape == split(d, 2 * f)
-    assert fused.mlp.w_down is None and fused.mlp.w_down_blocks.shape == split(f, d)
+    assert isinstance(fused.attn, FusedAttention) and isinstance(fused.mlp, FusedMLP)
+    assert not hasattr(fused.attn, "wq") and fused.attn.wqkv.shape == split(d, qkv)
+    assert not hasattr(fused.attn, "wo") and fused.attn.wo_blocks.shape == split(CFG.num_heads * CFG.head_dim_, d)
+    assert not hasattr(fused.mlp, "w_up") and fused.mlp.w_gate_up.shape == split(d, 2 * f)
+    assert not hasattr(fused.mlp, "w_down") and fused.mlp.w_down_blocks.shape == split(f, d)
     got, _ = fused(x, pos, seg, pos)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("per_layer", [True, False], ids=["per-layer", "stacked"])
+def test_the_decode_layout_is_a_copy_with_the_same_logits(model, per_layer):
+    """for_decoding re-lays out a copy: same logits through the same forward pass, the model untouched."""
+    before = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
+    decoding = for_decoding(model, per_layer=per_layer, row_blocks=2)
+    assert decoding.per_layer == per_layer and not model.per_layer
+    x = jnp.asarray(np.random.default_rng(5).integers(0, CFG.vocab_size, (2, 9)), jnp.int32)
+    pos = jnp.tile(jnp.arange(9, dtype=jnp.int32), (2, 1))
+    seg = jnp.ones((2, 9), jnp.int32)
+    np.testing.assert_allclose(decoding(x, pos, seg), model(x, pos, seg), rtol=1e-5, atol=1e-5)
+    jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(model)), before)
 
 
 def test_every_parameter_has_logical_axes_matching_its_rank(model):

@@ -11,7 +11,7 @@ from flax import nnx
 from scipy import stats
 
 from lm import sampling
-from lm.model import ModelConfig, Transformer, cache_sizes
+from lm.model import ModelConfig, Transformer, cache_sizes, cpu
 from lm.sampling import SamplingConfig, generate, generate_batch
 
 # jitted once each (knobs are traced): far fewer compilations than running them op by op
@@ -199,7 +199,7 @@ def test_cache_sizes_cover_every_fill_with_at_most_eight_compiled_sizes():
 
 
 @pytest.mark.parametrize("unroll_layers,decode_block", [(True, 4), (False, 4), (True, 0)],
-                         ids=["unrolled", "model.decode", "all-slots"])
+                         ids=["per-layer", "stacked", "all-slots"])
 def test_cached_logits_equal_full_recomputation_at_every_step(model, unroll_layers, decode_block):
     model = _with_config(model, decode_block=decode_block)
     out = _run(model, temperature=1.0, stop_ids=(7,), unroll_layers=unroll_layers)
@@ -214,9 +214,9 @@ def test_cached_logits_equal_full_recomputation_at_every_step(model, unroll_laye
 
 @pytest.mark.parametrize("row_blocks", [1, 2])
 def test_one_row_decoding_with_weights_in_row_blocks_equals_full_recomputation(model, row_blocks, monkeypatch):
-    """Batch 1: each decode product has one row, so with row blocks (`lm.model.matmul_blocks`) it is
-    computed as k partial products summed; the logits still equal a full forward pass."""
-    monkeypatch.setattr(sampling, "_row_blocks", lambda: row_blocks)
+    """Batch 1: each decode product has one row, so with row blocks (`lm.model.cpu.matmul_blocks`) it
+    is computed as k partial products summed; the logits still equal a full forward pass."""
+    monkeypatch.setattr(cpu, "default_row_blocks", lambda: row_blocks)
     prompt = PROMPTS[1]
     out = _run(model, prompts=[prompt], temperature=1.0)
     prefixes = [prompt + out.tokens[0, :i].tolist() for i in range(NEW)]

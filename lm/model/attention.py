@@ -1,0 +1,157 @@
+"""Grouped-query attention with rotary positions, causal within packed segments, with or without
+a key/value cache (the same code for training, prefill and one-token decoding)."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lm import masking
+from lm.model.config import ModelConfig
+from lm.model.hints import constrain
+from lm.model.layers import matmuls, param, rotary
+
+Array = jax.Array
+
+
+def cache_sizes(slots: int, block: int) -> list[int]:
+    """The cache lengths a decode step may attend over: multiples of `block` (raised until there
+    are at most 8) up to `slots`, and `slots` itself. block 0: [slots]."""
+    if not block or block >= slots:
+        return [slots]
+    step = block * -(-slots // (8 * block))  # a multiple of block, ≥ slots / 8
+    return [*range(step, slots, step), slots]
+
+
+class Attention(nnx.Module):
+    """Multi-head attention with `num_kv_heads` key/value heads shared by groups of query heads.
+
+    `project_qkv` and `project_out` are its weight products; a decode layout replaces them with
+    fused, row-blocked ones (lm/model/cpu.py) and keeps everything else."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, h, kv, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim_
+        std = cfg.init_scale / math.sqrt(d)
+        out_std = cfg.init_scale / math.sqrt(h * hd) / math.sqrt(2 * cfg.num_layers)
+        self.wq = param(rngs, (d, h, hd), std, ("embed", "heads", "head_dim"))
+        self.wk = param(rngs, (d, kv, hd), std, ("embed", "kv_heads", "head_dim"))
+        self.wv = param(rngs, (d, kv, hd), std, ("embed", "kv_heads", "head_dim"))
+        self.wo = param(rngs, (h, hd, d), out_std, ("heads", "head_dim", "embed"))
+        self.cfg = cfg
+
+    def project_qkv(self, x2: Array) -> tuple[Array, Array, Array]:
+        """x [M, D] → q [M, H·hd], k, v [M, K·hd]."""
+        dt, d = self.cfg.compute_dtype, x2.shape[-1]
+        return matmuls(x2, *[w[...].astype(dt).reshape(d, -1) for w in (self.wq, self.wk, self.wv)])
+
+    def project_out(self, out2: Array) -> Array:
+        """attention output [M, H·hd] → [M, D]."""
+        wo = self.wo[...].astype(self.cfg.compute_dtype)
+        return matmuls(out2, wo.reshape(-1, wo.shape[-1]))[0]
+
+    def __call__(self, x, positions, q_segment_ids, q_index, kv_cache=None, kv_segment_ids=None,
+                 cache_index=None):
+        """x [B, T, D] → ([B, T, D], updated (k, v) cache or None).
+
+        Without a cache, queries attend to the same T tokens. With `kv_cache = (k, v)`, keys
+        stored transposed as `[B, K, hd, S]` and values as `[B, K, S, hd]` (lm/model/cache.py),
+        the queries attend to the cached slots before `cache_index` (masked by
+        `kv_segment_ids [B, S]`, 0 = empty) and causally to the T new keys, in one softmax; the
+        new keys/values are then written at slots `cache_index .. cache_index+T−1`.
+        """
+        cfg = self.cfg
+        b, t, d = x.shape
+        h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim_
+        q, k, v = self.project_qkv(x.reshape(b * t, d))
+        q, k, v = q.reshape(b, t, h, hd), k.reshape(b, t, kv, hd), v.reshape(b, t, kv, hd)
+        q = constrain(q, ("batch", "length", "heads", "head_dim"))  # [B, T, H, hd]
+        k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
+        v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
+        q = rotary(q, positions, cfg.rope_theta)
+        k = rotary(k, positions, cfg.rope_theta).transpose(0, 2, 1, 3)  # [B, K, T, hd]: the layout the
+        v = v.transpose(0, 2, 1, 3)  # score and value products read (and the cache keeps) without a copy
+        groups = h // kv
+        q = q * jnp.asarray(1 / math.sqrt(hd), q.dtype)  # scale the [T, hd] side, not [T, S]
+        # [B, K, T, G, hd]: for each (batch, kv head) its T·G query rows are contiguous, so the score
+        # and value products take q, and any causal block of it, without a copy
+        q = q.reshape(b, t, kv, groups, hd).transpose(0, 2, 1, 3, 4)
+        new_cache = None
+        if kv_cache is not None:
+            out, new_cache = self._attend_cached(q, k, v, q_segment_ids, q_index, kv_cache, kv_segment_ids,
+                                                 cache_index)
+        else:
+            out = self._attend_causal(q, k, v, q_segment_ids, q_index)
+        out = out.transpose(0, 2, 1, 3, 4).reshape(b * t, h * hd)
+        return self.project_out(out).reshape(b, t, d), new_cache
+
+    def _attend_causal(self, q, k, v, segment_ids, q_index):
+        """Training and uncached scoring: every query against the T keys, causal within segments."""
+        block, t = self.cfg.attention_block, q.shape[2]
+        if not block or t <= block or t % block:
+            mask = masking.attention_mask(segment_ids, segment_ids, q_index, q_index)  # [B, T, T]
+            return attend(q, [(k, v, mask, False)])
+        # Causal blocks: queries block i (positions i·c .. i·c+c−1) only need keys 0 .. i·c+c−1;
+        # the keys after them are masked anyway, so skipping them changes no number.
+        outs = []
+        for start in range(0, t, block):
+            stop = start + block
+            mask = masking.attention_mask(segment_ids[:, start:stop], segment_ids[:, :stop],
+                                          q_index[:, start:stop], q_index[:, :stop])
+            outs.append(attend(q[:, :, start:stop], [(k[:, :, :stop], v[:, :, :stop], mask, False)]))
+        return jnp.concatenate(outs, axis=2)
+
+    def _attend_cached(self, q, k, v, q_segment_ids, q_index, kv_cache, kv_segment_ids, cache_index):
+        """The queries attend to the cache as it was (slots before cache_index) and to the T new
+        keys, in one softmax; the cache is then updated. Reading the old cache rather than the
+        updated one leaves the update as the cache's only consumer, so XLA writes it in place
+        instead of copying every layer's cache at every decode step (on a CPU, attending over the
+        updated cache made XLA copy each cache buffer twice per step)."""
+        dt = self.cfg.compute_dtype
+        ck, cv = kv_cache
+        new = masking.attention_mask(q_segment_ids, q_segment_ids, q_index, q_index)  # [B, T, T]
+
+        def attend_first(n):  # the queries against cache slots [0, n) (n static) and the new keys
+            kv_index = jnp.arange(n, dtype=jnp.int32)[None, :]
+            old = masking.attention_mask(q_segment_ids, kv_segment_ids[:, :n], q_index, kv_index)
+            old = old & (kv_index < cache_index)[:, None, :]  # [B, T, n]
+            return attend(q, [(ck[..., :n].astype(dt), cv[:, :, :n].astype(dt), old, True), (k, v, new, False)])
+
+        sizes = cache_sizes(ck.shape[3], self.cfg.decode_block)
+        if len(sizes) == 1:
+            out = attend_first(sizes[0])
+        else:  # only the slots before cache_index hold keys: attend to the smallest size that covers them
+            # (a slice of the cache is a copy on a CPU: there this reads more than all slots would)
+            which = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), cache_index)
+            out = jax.lax.switch(jnp.minimum(which, len(sizes) - 1),
+                                 [functools.partial(attend_first, n) for n in sizes])
+        new_cache = (jax.lax.dynamic_update_slice(ck, k.swapaxes(2, 3).astype(ck.dtype), (0, 0, 0, cache_index)),
+                     jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, cache_index, 0)))
+        return out, new_cache
+
+
+def attend(q: Array, blocks: list[tuple[Array, Array, Array, bool]]) -> Array:
+    """Softmax attention of (pre-scaled) queries `q [B, K, T, G, hd]` over the keys and values of
+    all `blocks` together, each `(k, v [B, K, S_i, hd], mask [B, T, S_i], keys_transposed)` (mask
+    True = may attend; keys_transposed: k is `[B, K, hd, S_i]`, as the decode cache keeps it): one
+    softmax over the concatenated key axis. Scores and softmax in float32. → [B, K, T, G, hd].
+
+    Every product is a dot, also for one query per row (decoding): on a CPU, products summed by
+    hand wrote the whole [hd, S] product out before reducing it (8 layers over 528 slots: 0.48
+    against 0.35 ms as dots; benchmarks/README.md)."""
+    f32 = jnp.float32
+    masked = [jnp.where(mask[:, None, :, None, :],
+                        jnp.einsum("bktgd,bkds->bktgs" if transposed else "bktgd,bksd->bktgs", q, k,
+                                   preferred_element_type=f32),
+                        jnp.finfo(f32).min)
+              for k, _, mask, transposed in blocks]
+    probs = jax.nn.softmax(jnp.concatenate(masked, axis=-1) if len(masked) > 1 else masked[0], axis=-1)
+    out, start = 0, 0
+    for _, v, _, _ in blocks:
+        stop = start + v.shape[2]
+        out = out + jnp.einsum("bktgs,bksd->bktgd", probs[..., start:stop].astype(v.dtype), v)
+        start = stop
+    return out

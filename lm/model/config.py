@@ -1,0 +1,67 @@
+"""The Transformer's shape and numerics: `ModelConfig` (mirrors `config.model`, configs/base.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of the Transformer; every field is documented in configs/base.py."""
+
+    vocab_size: int
+    d_model: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    head_dim: int | None = None  # None: d_model // num_heads
+    mlp_dim: int = 768
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = True
+    dtype: str = "float32"  # compute dtype; parameters are always float32
+    remat: bool = False  # recompute each block's activations in the backward pass
+    attention_block: int = 0  # training attention in causal blocks of this many queries, skipping
+    # the key blocks after each (exact; ~(1 + c/T)/2 of the score work); 0: one T×T block
+    decode_block: int = 0  # 0: cached decoding attends to all cache slots (masked), the cost per
+    # token flat in the generated length; b > 0: to the filled slots rounded up to a multiple of b
+    # (at most 8 sizes, each compiled once: lax.switch), for caches much longer than what is used
+    scan_layers: bool = True  # apply the stacked blocks with lax.scan (compile time flat in depth);
+    # False unrolls them: a longer compile, but no stacked activation buffers to fill and slice
+    init_scale: float = 1.0  # multiplies every initial standard deviation
+
+    def __post_init__(self):
+        problems = []
+        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "mlp_dim"):
+            if getattr(self, name) is None or getattr(self, name) < 1:
+                problems.append(f"model.{name} must be a positive integer, got {getattr(self, name)}")
+        if not problems:
+            if self.head_dim is None and self.d_model % self.num_heads:
+                problems.append(
+                    f"model.num_heads={self.num_heads} does not divide model.d_model={self.d_model}; "
+                    "change one or set model.head_dim")
+            if self.num_heads % self.num_kv_heads:
+                problems.append(
+                    f"model.num_kv_heads={self.num_kv_heads} must divide model.num_heads={self.num_heads}")
+            if self.head_dim_ % 2:
+                problems.append(f"head dim {self.head_dim_} must be even for rotary embeddings")
+        if self.attention_block is None or self.attention_block < 0:
+            problems.append(f"model.attention_block must be >= 0 (0: off), got {self.attention_block}")
+        if self.decode_block is None or self.decode_block < 0:
+            problems.append(f"model.decode_block must be >= 0 (0: off), got {self.decode_block}")
+        if self.dtype not in DTYPES:
+            problems.append(f"model.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def head_dim_(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.d_model // self.num_heads
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
