@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 train: $(STAMP)
-	$(PY) -m lm.main --config=configs/default.py --workdir=runs/default $(ARGS)
+	$(PY) -m lm.cli.train --config=configs/default.py --workdir=runs/default $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 $(ARGS)

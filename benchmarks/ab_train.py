@@ -27,15 +27,15 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lm.runtime import tune_malloc  # noqa: E402
+from lm.cli.runtime import tune_malloc  # noqa: E402
 
 if __name__ == "__main__":
-    tune_malloc()  # the same glibc settings as bench_train.py and lm.main
+    tune_malloc()  # the same glibc settings as bench_train.py and lm.cli.train
 
 import jax  # noqa: E402
 
 from bench_train import MODELS, build  # noqa: E402
-from lm.metrics import measure_peak_flops  # noqa: E402
+from lm.io.metrics import measure_peak_flops  # noqa: E402
 
 
 def parse_variant(text: str) -> dict:

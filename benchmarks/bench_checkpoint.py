@@ -4,7 +4,7 @@ of saving asynchronously every N steps.
     python benchmarks/bench_checkpoint.py                      # both parts, writes results/checkpoint.md
     python benchmarks/bench_checkpoint.py --skip_big --steps 20
 
-Part 1 (`lm.checkpoint.Checkpointer`, one device): the train state of a GPT-2-small-like model
+Part 1 (`lm.io.checkpoint.Checkpointer`, one device): the train state of a GPT-2-small-like model
 (vocab 32000, d_model 768, 12 layers, 12 heads, SwiGLU 2048, tied embeddings: 110M parameters;
 with AdamW's two moments 3 × 440 MB). For each save: the time `save` blocks the caller
 (copy to host memory; the checksum pass is only dispatched), the time until it is on disk
@@ -39,13 +39,13 @@ import orbax.checkpoint as ocp  # noqa: E402
 from absl import logging  # noqa: E402
 
 from configs import base  # noqa: E402
-from lm import checkpoint as ckpt  # noqa: E402
-from lm import checksum  # noqa: E402
-from lm import sharding as shd  # noqa: E402
+from lm.io import checkpoint as ckpt  # noqa: E402
+from lm.io import checksum  # noqa: E402
+from lm.parallel import sharding as shd  # noqa: E402
 from lm import train  # noqa: E402
 from lm.model import ModelConfig, param_count  # noqa: E402
 from lm.objectives import pretrain  # noqa: E402
-from lm.optim import make_optimizer  # noqa: E402
+from lm.train.optim import make_optimizer  # noqa: E402
 
 BIG = ModelConfig(vocab_size=32000, d_model=768, num_layers=12, num_heads=12, num_kv_heads=12, mlp_dim=2048)
 SMALL = ModelConfig(vocab_size=8192, d_model=256, num_layers=4, num_heads=4, num_kv_heads=4, mlp_dim=768)

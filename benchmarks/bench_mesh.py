@@ -35,12 +35,12 @@ def child(mesh_name: str, steps: int) -> dict:
     import numpy as np
 
     from configs import default
-    from lm import memory
-    from lm import sharding as shd
+    from lm.train import memory
+    from lm.parallel import sharding as shd
     from lm import train
-    from lm.main import build_model_config
+    from lm.cli.train import build_model_config
     from lm.objectives import pretrain
-    from lm.optim import make_optimizer
+    from lm.train.optim import make_optimizer
 
     config = default.get_config()
     sizes = dict(zip(shd.MESH_AXES, map(int, mesh_name.split("x"))))

@@ -110,7 +110,7 @@ def make_recompute_step(graphdef):
         hidden = model.hidden_states(tokens, positions, segment_ids)
         last = jax.lax.dynamic_index_in_dim(hidden, length - 1, axis=1, keepdims=False)
         logits = model.logits_from_hidden(last).astype(jnp.float32)
-        token = sampling._sample_rows(row_keys, length, logits, knobs)
+        token = sampling.decode._sample_rows(row_keys, length, logits, knobs)
         return jax.lax.dynamic_update_index_in_dim(tokens, token, length, axis=1)
     return step
 

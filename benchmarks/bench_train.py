@@ -21,21 +21,21 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lm.runtime import malloc_tuned, tune_malloc  # noqa: E402
+from lm.cli.runtime import malloc_tuned, tune_malloc  # noqa: E402
 
 if __name__ == "__main__":
-    tune_malloc()  # re-exec with glibc settings that keep XLA's step buffers mapped (lm/runtime.py)
+    tune_malloc()  # re-exec with glibc settings that keep XLA's step buffers mapped (lm/cli/runtime.py)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import base  # noqa: E402
-from lm import sharding as shd  # noqa: E402
+from lm.parallel import sharding as shd  # noqa: E402
 from lm import train  # noqa: E402
-from lm.metrics import measure_peak_flops  # noqa: E402
+from lm.io.metrics import measure_peak_flops  # noqa: E402
 from lm.model import ModelConfig, flops_per_token, param_count  # noqa: E402
 from lm.objectives import pretrain  # noqa: E402
-from lm.optim import make_optimizer  # noqa: E402
+from lm.train.optim import make_optimizer  # noqa: E402
 
 BENCH = dict(d_model=512, num_layers=8, num_heads=8, num_kv_heads=4, mlp_dim=1376)
 MODELS = {
@@ -105,7 +105,7 @@ def main() -> None:
     rows = [bench_model(n, args.steps, args.vocab, args.loss, args.dtype, args.remat, args.matmul_n)
             for n in (args.only.split(",") if args.only else list(MODELS))]
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"jax {jax.__version__} on {jax.devices()[0].device_kind}; glibc malloc tuned (lm/runtime.py): "
+          f"jax {jax.__version__} on {jax.devices()[0].device_kind}; glibc malloc tuned (lm/cli/runtime.py): "
           f"{malloc_tuned()}; loss {args.loss}\n")
     print(f"Each of {args.steps} steps (after the compiling one) is paired with a float32 {args.matmul_n}² "
           f"matmul timed just before it (best of 2): MFU = the step's model FLOPs/s over that peak. "

@@ -3,7 +3,7 @@
 Other configs start from `get_config()` here and change what they need. Any field can
 be overridden on the command line:
 
-    python -m lm.main --config=configs/default.py --config.optimizer.lr=1e-3 --workdir=runs/x
+    python -m lm.cli.train --config=configs/default.py --config.optimizer.lr=1e-3 --workdir=runs/x
 
 The returned ConfigDict is locked: a misspelt key is an error that names close matches.
 """
@@ -19,7 +19,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.seed = 0  # seeds parameter init, data order and dropout-free rng streams
     c.objective = "pretrain"  # which lm/objectives/<name>.py builds the loss
 
-    # -- model (lm/model.py: ModelConfig) ----------------------------------------------------------
+    # -- model (lm/model/: ModelConfig) ----------------------------------------------------------
     m = c.model = ml_collections.ConfigDict()
     m.vocab_size = ml_collections.FieldReference(None, field_type=int)  # None: the tokenizer's size
     m.d_model = 256  # residual stream width
@@ -45,7 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     loss.z_loss = 0.0  # coefficient of logsumexp² added per token
     loss.label_smoothing = 0.0  # mass moved to the uniform distribution
 
-    # -- optimizer (lm/optim.py) -------------------------------------------------------------------
+    # -- optimizer (lm/train/optim.py) -------------------------------------------------------------------
     o = c.optimizer = ml_collections.ConfigDict()
     o.lr = 3e-3  # peak learning rate after warmup
     o.warmup_steps = 50  # linear warmup from 0
@@ -58,7 +58,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     o.decay_norms_and_biases = False  # apply weight decay to 1-D parameters (norm scales) too
     o.grad_clip = 1.0  # global-norm clipping threshold; 0 turns it off
 
-    # -- training loop (lm/train.py) ---------------------------------------------------------------
+    # -- training loop (lm/train/step.py) ---------------------------------------------------------------
     t = c.train = ml_collections.ConfigDict()
     t.steps = 1000  # optimizer steps
     t.batch_size = 32  # global batch, rows of seq_len tokens, summed over all devices
@@ -72,30 +72,30 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     t.progress_bar = True  # tqdm bar with step, loss, tokens/s and ETA
     t.max_bad_steps = 10  # consecutive non-finite steps (skipped) before the run stops
     t.async_checkpointing = True  # write checkpoints in a background thread while training goes on
-    # Start from another run (lm/checkpoint.py: find_checkpoints): its run directory, its checkpoints/
+    # Start from another run (lm/io/checkpoint.py: find_checkpoints): its run directory, its checkpoints/
     # directory or one checkpoints/<step>/ directory. Ignored once the workdir holds a checkpoint of
     # its own (the run then resumes from that).
     t.restore_from = ml_collections.FieldReference(None, field_type=str)  # None: a fresh start
     t.restore_params_only = False  # with restore_from: parameters only (fine-tuning: step 0, new optimizer and data)
-    # fault injection for tests of lm/loop.py; all off by default
+    # fault injection for tests of lm/train/loop.py; all off by default
     t.inject = ml_collections.ConfigDict()
     t.inject.nan_steps = ""  # comma-separated steps (1-based) whose batch gets a NaN loss mask, e.g. "5,6"
     t.inject.step_delay_s = 0.0  # sleep after every step, so that a test can kill the run mid-way
     t.inject.save_delay_s = 0.0  # hold every checkpoint save open this long before it commits
 
-    # -- device mesh (lm/sharding.py) --------------------------------------------------------------
+    # -- device mesh (lm/parallel/sharding.py) --------------------------------------------------------------
     mesh = c.mesh = ml_collections.ConfigDict()
     mesh.data = -1  # data-parallel axis size; -1: the devices left over
     mesh.fsdp = 1  # parameter/optimizer-state sharding axis (ZeRO-3 style)
     mesh.tensor = 1  # tensor-parallel axis (heads, MLP width, vocabulary)
-    # logical parameter axis -> mesh axis (or None: replicated). See lm/sharding.py.
+    # logical parameter axis -> mesh axis (or None: replicated). See lm/parallel/sharding.py.
     mesh.rules = ml_collections.ConfigDict({
         "vocab": "tensor", "embed": "fsdp", "heads": "tensor", "kv_heads": "tensor",
         "head_dim": None, "mlp": "tensor", "layers": None})
     mesh.device_memory_gib = 0.0  # per-device memory the fit check assumes; 0: ask the device (none on CPU)
     mesh.memory_fraction = 0.9  # fail before training if the step needs more than this share of it
 
-    # -- multi-process start-up (lm/distributed.py) -------------------------------------------------
+    # -- multi-process start-up (lm/parallel/distributed.py) -------------------------------------------------
     dc = c.distributed = ml_collections.ConfigDict()
     dc.auto = False  # Cloud TPU: let jax.distributed.initialize() find everything itself
     dc.coordinator_address = ml_collections.FieldReference(None, field_type=str)  # 'host:port' of process 0
@@ -119,7 +119,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     s = c.sample = ml_collections.ConfigDict()
     s.num_samples = 3  # how many; 0 turns sampling off
     s.max_new_tokens = 96  # tokens generated per sample
-    s.prompt = ""  # text every sample starts from ("" : a one-token prompt, see lm/main.py)
+    s.prompt = ""  # text every sample starts from ("" : a one-token prompt, see lm/cli/train.py)
     s.temperature = 0.0  # 0: greedy
     s.top_k = 0  # 0: off
     s.top_p = 1.0  # 1: off

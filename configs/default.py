@@ -1,8 +1,8 @@
 """The main job: learn a random order-2 Markov chain over 16 characters to within 2% of its
 exact entropy, on a laptop CPU in a few minutes.
 
-    python -m lm.main --config=configs/default.py             # the main job
-    python -m lm.main --config=configs/default.py:tiny        # a seconds-long shrink for tests
+    python -m lm.cli.train --config=configs/default.py             # the main job
+    python -m lm.cli.train --config=configs/default.py:tiny        # a seconds-long shrink for tests
 
 The data never runs out (documents are generated on the fly from their index), so the
 validation set is as fresh as the training set and the Bayes-optimal cross-entropy of

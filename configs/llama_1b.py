@@ -1,6 +1,6 @@
 """A Llama-3.2-1B-shaped model (~1.24B parameters) for a Cloud TPU slice.
 
-    python -m lm.main --config=configs/llama_1b.py:v5p-32 --workdir=gs://bucket/runs/llama1b \\
+    python -m lm.cli.train --config=configs/llama_1b.py:v5p-32 --workdir=gs://bucket/runs/llama1b \\
         --config.data.array_record.train_files='gs://bucket/shards/train-*.array_record'
 
 Not run here (no TPU); the test suite builds its shapes with jax.eval_shape and checks the

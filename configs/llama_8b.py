@@ -1,11 +1,11 @@
 """A Llama-3-8B-shaped model (~8.03B parameters) for a multi-host Cloud TPU slice.
 
-    python -m lm.launch --tpu=my-v5p --zone=us-east5-a --config=configs/llama_8b.py:v5p-128 \\
+    python -m lm.cli.launch --tpu=my-v5p --zone=us-east5-a --config=configs/llama_8b.py:v5p-128 \\
         --workdir=/mnt/shared/runs/llama8b -- \\
         --config.data.array_record.train_files='gs://bucket/shards/train-*.array_record'
 
 Not run here (no TPU). The test suite builds its shapes with jax.eval_shape, and
-`python -m lm.memory --config=configs/llama_8b.py:<slice>` compiles its real train step
+`python -m lm.train.memory --config=configs/llama_8b.py:<slice>` compiles its real train step
 against a virtual CPU mesh of the slice's size and prints the per-device memory (results
 in docs/tpu.md). Arguments pick the slice (chips = JAX devices; v5p-N counts TensorCores,
 two per chip; v6e-N counts chips; 4 chips per TPU VM host in both):

@@ -1,9 +1,9 @@
 """Chat SFT on a built-in synthetic chat task: train from scratch, then report exact match.
 
-    python -m lm.main --config=configs/sft.py                  # the main job (minutes on a CPU)
-    python -m lm.main --config=configs/sft.py:tiny             # seconds, for tests and smoke runs
-    python -m lm.main --config=configs/sft.py:arithmetic       # the arithmetic task instead
-    python -m lm.main --config=configs/sft.py --config.data.chat_loss=all     # score every token
+    python -m lm.cli.train --config=configs/sft.py                  # the main job (minutes on a CPU)
+    python -m lm.cli.train --config=configs/sft.py:tiny             # seconds, for tests and smoke runs
+    python -m lm.cli.train --config=configs/sft.py:arithmetic       # the arithmetic task instead
+    python -m lm.cli.train --config=configs/sft.py --config.data.chat_loss=all     # score every token
 
 The main task (lm/data/synthetic.py: WordChat): conversations of 1..max_turns exchanges, each
 a user asking for a transformation of a random word of 3..5 distinct lowercase letters

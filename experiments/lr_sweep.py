@@ -1,7 +1,7 @@
 """Learning-rate sweep of the main job: how close to the Bayes-optimal CE does each peak lr get?
 
-    python -m lm.sweep experiments/lr_sweep.py
-    python -m lm.sweep experiments/lr_sweep.py --print_only
+    python -m lm.cli.sweep experiments/lr_sweep.py
+    python -m lm.cli.sweep experiments/lr_sweep.py --print_only
 
 Results (measured; see experiments/lr_sweep.md) are gathered into runs/sweeps/lr_sweep/results.md.
 """

@@ -1,6 +1,6 @@
 """Assistant-only vs all-token loss for chat SFT, on the same data, model and budget.
 
-    python -m lm.sweep experiments/sft_masking.py                    # the two runs, then a table
+    python -m lm.cli.sweep experiments/sft_masking.py                    # the two runs, then a table
     python experiments/sft_masking.py runs/sweeps/sft_masking        # table + experiments/sft_masking.png
 
 Both runs train configs/sft.py (multi-turn word-transformation chat, from scratch) with the same seed,
@@ -84,7 +84,7 @@ def main(argv: list[str]) -> int:
     root = argv[1] if len(argv) > 1 else os.path.join("runs", "sweeps", NAME)
     results = load(root)
     if not results:
-        print(f"no finished runs under {root}: run `python -m lm.sweep experiments/sft_masking.py` first")
+        print(f"no finished runs under {root}: run `python -m lm.cli.sweep experiments/sft_masking.py` first")
         return 1
     print(table(results))
     print(plot(results, os.path.join(os.path.dirname(os.path.abspath(__file__)), "sft_masking.png")))

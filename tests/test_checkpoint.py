@@ -14,12 +14,14 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import default
-from lm import checkpoint as ckpt
-from lm import checksum
-from lm import loop, preemption, train
-from lm import sharding as shd
+from lm.io import checkpoint as ckpt
+from lm.io import checksum
+from lm import train
+from lm.train import loop
+from lm.train import preemption
+from lm.parallel import sharding as shd
 from lm.model import ModelConfig
-from lm.optim import make_optimizer
+from lm.train.optim import make_optimizer
 
 CFG = ModelConfig(vocab_size=16, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64)
 MESH_8 = {"data": 2, "fsdp": 2, "tensor": 2}

@@ -8,11 +8,11 @@ import jax
 import pytest
 
 from configs import base, default, llama_1b
-from lm import sharding as shd
+from lm.parallel import sharding as shd
 from lm import train
-from lm.main import build_model_config
+from lm.cli.train import build_model_config
 from lm.model import param_count
-from lm.optim import make_optimizer
+from lm.train.optim import make_optimizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,4 +1,4 @@
-"""lm.distributed, lm.memory, lm.launch and the TPU-sized configs, in one process.
+"""lm.parallel.distributed, lm.train.memory, lm.cli.launch and the TPU-sized configs, in one process.
 
 The real multi-process runs are in tests/test_multiprocess.py.
 """
@@ -13,13 +13,15 @@ from jax.sharding import AbstractMesh
 
 from configs import default, llama_1b, llama_8b
 from conftest import markov_batch
-from lm import distributed, launch, memory
-from lm import sharding as shd
+from lm.parallel import distributed
+from lm.cli import launch
+from lm.train import memory
+from lm.parallel import sharding as shd
 from lm import train
-from lm.main import build_model_config
+from lm.cli.train import build_model_config
 from lm.model import ModelConfig, param_count
 from lm.objectives import pretrain
-from lm.optim import make_optimizer
+from lm.train.optim import make_optimizer
 
 CFG = ModelConfig(vocab_size=16, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64)
 
@@ -202,7 +204,7 @@ def test_launcher_installs_and_trains_on_every_worker():
     assert "--worker=all" in train_cmd and "--zone=us-east5-a" in train_cmd and "--project=proj" in train_cmd
     remote = shlex.split(next(a for a in train_cmd if a.startswith("--command="))[len("--command="):])
     assert remote[:3] == ["cd", "~/lm", "&&"]
-    assert remote[4:] == ["-m", "lm.main", "--config=configs/llama_8b.py:v5p-128", "--workdir=/mnt/shared/runs/x",
+    assert remote[4:] == ["-m", "lm.cli.train", "--config=configs/llama_8b.py:v5p-128", "--workdir=/mnt/shared/runs/x",
                           "--config.distributed.auto=True", "--config.train.steps=10",
                           "--config.data.array_record.train_files=gs://b/train-*.array_record"]
     assert list(steps) == ["create the TPU VM slice", "pack this checkout", "copy it to every worker",
@@ -229,7 +231,7 @@ def test_launcher_run_executes_in_order_and_stops_at_a_failure(tmp_path, monkeyp
     assert launch.main(ARGS + ["--run", f"--source_dir={source}", f"--tarball={tmp_path}/src.tgz"]) == 0
     lines = calls.read_text().splitlines()
     assert [line.split()[0] for line in lines] == ["tar", "gcloud", "gcloud", "gcloud"]
-    assert "tpu-vm scp" in lines[1] and "lm.main" in lines[3]
+    assert "tpu-vm scp" in lines[1] and "lm.cli.train" in lines[3]
     calls.unlink()
     monkeypatch.setenv("FAIL_TAR", "3")
     assert launch.main(ARGS + ["--run", f"--source_dir={source}", f"--tarball={tmp_path}/src.tgz"]) == 3

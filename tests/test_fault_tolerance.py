@@ -1,4 +1,4 @@
-"""Fault tolerance end to end: the real training process (python -m lm.main) is killed with
+"""Fault tolerance end to end: the real training process (python -m lm.cli.train) is killed with
 SIGKILL (once while a checkpoint is being written, once between saves), preempted with SIGTERM,
 restored from a checkpoint with a flipped bit, fed NaN batches, and restored params-only. A
 restarted run must be exactly the run it would have been: losses are compared bit for bit (CPU,
@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 from test_checkpoint import flip_a_bit_orbax_misses
 
-from lm import checkpoint as ckpt
-from lm import sharding as shd
+from lm.io import checkpoint as ckpt
+from lm.parallel import sharding as shd
 from lm import train
-from lm.optim import make_optimizer
+from lm.train.optim import make_optimizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12
@@ -41,7 +41,7 @@ def env(tmp_path_factory):
 
 
 class Proc:
-    """One `python -m lm.main` process; its stdout/stderr go to files next to the workdir."""
+    """One `python -m lm.cli.train` process; its stdout/stderr go to files next to the workdir."""
 
     count = 0
 
@@ -50,7 +50,7 @@ class Proc:
         self.workdir = str(workdir)
         self.log = f"{self.workdir}.{Proc.count}"
         with open(self.log + ".out", "w") as out, open(self.log + ".err", "w") as err:
-            self.popen = subprocess.Popen([sys.executable, "-m", "lm.main", *BASE, f"--workdir={workdir}", *args],
+            self.popen = subprocess.Popen([sys.executable, "-m", "lm.cli.train", *BASE, f"--workdir={workdir}", *args],
                                           cwd=REPO, env=env, stdout=out, stderr=err)
 
     def wait(self, timeout=240) -> int:
@@ -66,14 +66,14 @@ class Proc:
 
     def ok(self) -> "Proc":
         rc = self.wait()
-        assert rc == 0, f"lm.main exited {rc}:\n{self.out[-2000:]}\n{self.err[-3000:]}"
+        assert rc == 0, f"lm.cli.train exited {rc}:\n{self.out[-2000:]}\n{self.err[-3000:]}"
         return self
 
     def wait_until(self, condition, what: str, timeout=240) -> None:
         end = time.time() + timeout
         while not condition():
             if self.popen.poll() is not None:
-                raise AssertionError(f"lm.main ended ({self.popen.returncode}) before {what}:\n{self.err[-3000:]}")
+                raise AssertionError(f"lm.cli.train ended ({self.popen.returncode}) before {what}:\n{self.err[-3000:]}")
             if time.time() > end:
                 self.popen.kill()
                 raise AssertionError(f"timed out waiting for {what}")

@@ -7,17 +7,17 @@ import sys
 
 import pytest
 
-from lm import sweep
+from lm.cli import sweep
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(*args, check=True):
     env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-m", "lm.main", "--config=configs/default.py:tiny", *args],
+    proc = subprocess.run([sys.executable, "-m", "lm.cli.train", "--config=configs/default.py:tiny", *args],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     if check and proc.returncode:
-        raise AssertionError(f"lm.main failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise AssertionError(f"lm.cli.train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
 
 
@@ -84,14 +84,14 @@ def test_sweep_runs_each_point_and_gathers_a_table(tmp_path):
                    'def sweep():\n    return [{"optimizer.lr": 1e-3}, {"optimizer.lr": 1e-2}]\n')
     root = tmp_path / "sweep"
     env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-m", "lm.sweep", str(exp), f"--root={root}",
+    proc = subprocess.run([sys.executable, "-m", "lm.cli.sweep", str(exp), f"--root={root}",
                            "--set", "train.steps=2", "--set", "sample.num_samples=0"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = list(open(root / "results.csv"))
     assert len(rows) == 3 and all("done" in r for r in rows[1:])
     assert "lr=0.001" in (root / "results.md").read_text()
-    printed = subprocess.run([sys.executable, "-m", "lm.sweep", str(exp), "--print_only"], cwd=REPO, env=env,
+    printed = subprocess.run([sys.executable, "-m", "lm.cli.sweep", str(exp), "--print_only"], cwd=REPO, env=env,
                              capture_output=True, text=True, timeout=60).stdout.splitlines()
     assert len(printed) == 2 and "--config.optimizer.lr=0.01" in printed[1]
 

@@ -3,7 +3,7 @@
   * trained from the same data, they reach the single-process loss and parameters, on meshes
     that split the batch across the processes and on one that splits only the model;
   * the checkpoint they save together restores in one process;
-  * `python -m lm.main` runs as two processes: one metrics writer, one set of checkpoints;
+  * `python -m lm.cli.train` runs as two processes: one metrics writer, one set of checkpoints;
   * a killed process (during training, or the coordinator), or one that raises, makes the
     other exit non-zero with a clear message within the heartbeat timeout (10 s here), never
     a hang.
@@ -49,7 +49,7 @@ def _by_path(tree) -> dict:
 def _worker_train(out_dir: str) -> None:
     """3 steps per mesh on the batches of tests/test_train.py; process 0 writes the results."""
     from configs import default
-    from lm import distributed
+    from lm.parallel import distributed
 
     config = default.get_config("tiny")
     config.distributed.heartbeat_timeout_s = HEARTBEAT_S
@@ -60,8 +60,8 @@ def _worker_train(out_dir: str) -> None:
     assert jax.local_device_count() == 4 and jax.device_count() == 8  # backend is up: safe to import
     import test_train  # the reference setup (its conftest import only edits an env var read before this)
     from conftest import markov_batch
-    from lm import checkpoint as ckpt
-    from lm import sharding as shd
+    from lm.io import checkpoint as ckpt
+    from lm.parallel import sharding as shd
 
     markov = _markov()
 
@@ -96,7 +96,7 @@ def _worker_train(out_dir: str) -> None:
 def _worker_loop(out_dir: str) -> None:
     """Collectives until killed."""
     from configs import default
-    from lm import distributed
+    from lm.parallel import distributed
 
     config = default.get_config("tiny")
     config.distributed.heartbeat_timeout_s = HEARTBEAT_S
@@ -112,7 +112,7 @@ def _worker_loop(out_dir: str) -> None:
 def _worker_raise(out_dir: str) -> None:
     """Process 1 raises while process 0 waits for it in a collective."""
     from configs import default
-    from lm import distributed
+    from lm.parallel import distributed
 
     config = default.get_config("tiny")
     config.distributed.heartbeat_timeout_s = HEARTBEAT_S
@@ -197,7 +197,7 @@ def test_two_processes_reach_the_one_process_result(two_process_run, one_device_
 def test_two_process_checkpoint_restores_in_one_process(two_process_run, one_device_reference):
     import jax
 
-    from lm import checkpoint as ckpt
+    from lm.io import checkpoint as ckpt
 
     out, results = two_process_run
     _, ref_params, setup = one_device_reference  # a 1-device mesh: every array restores whole here
@@ -216,7 +216,7 @@ def test_two_process_checkpoint_restores_in_one_process(two_process_run, one_dev
 
 def test_main_on_two_processes_writes_one_set_of_outputs(tmp_path):
     workdir = str(tmp_path / "run")
-    argv = [sys.executable, "-m", "lm.main", "--config=configs/default.py:tiny", f"--workdir={workdir}",
+    argv = [sys.executable, "-m", "lm.cli.train", "--config=configs/default.py:tiny", f"--workdir={workdir}",
             "--config.train.batch_size=8", "--config.train.steps=4", "--config.train.eval_every=0",
             "--config.train.peak_flops=1e9", "--config.sample.num_samples=0",
             f"--config.distributed.heartbeat_timeout_s={HEARTBEAT_S}"]
@@ -253,7 +253,7 @@ def _kill_and_time(procs, victim, out_dir, started):
 
 def test_killed_process_during_training_ends_the_other_with_a_clear_message(tmp_path):
     workdir = str(tmp_path / "run")
-    argv = [sys.executable, "-m", "lm.main", "--config=configs/default.py:tiny", f"--workdir={workdir}",
+    argv = [sys.executable, "-m", "lm.cli.train", "--config=configs/default.py:tiny", f"--workdir={workdir}",
             "--config.train.batch_size=8", "--config.train.steps=100000", "--config.train.eval_every=0",
             "--config.train.checkpoint_every=0", "--config.train.peak_flops=1e9", "--config.train.log_every=1",
             f"--config.distributed.heartbeat_timeout_s={HEARTBEAT_S}"]
@@ -265,8 +265,8 @@ def test_killed_process_during_training_ends_the_other_with_a_clear_message(tmp_
     # Usually the watchdog notices first. The runtime's coordination service on process 0 may
     # abort it first when it sees process 1's connection drop (a race seen in CI); then the
     # supervisor prints its own line. Either way: status 75 and one line that names the cause.
-    watchdog = "lm.distributed: process 0 of 2: process 1 of 2 sent no heartbeat" in log
-    runtime = ("lm.distributed: process 0 of 2: the JAX runtime aborted it: this process hosts the "
+    watchdog = "lm.parallel.distributed: process 0 of 2: process 1 of 2 sent no heartbeat" in log
+    runtime = ("lm.parallel.distributed: process 0 of 2: the JAX runtime aborted it: this process hosts the "
                "coordinator, so another process died or the network failed" in log)
     assert watchdog or runtime, log[-3000:]
     if watchdog:
@@ -281,7 +281,7 @@ def test_killed_coordinator_ends_the_other_with_a_clear_message(tmp_path):
     assert code == 75, log[-3000:]
     assert elapsed < HEARTBEAT_S + 20, elapsed
     # the runtime aborts the survivor at once; its supervising parent says why
-    assert "lm.distributed: process 1 of 2: the JAX runtime aborted it: the coordinator" in log, log[-3000:]
+    assert "lm.parallel.distributed: process 1 of 2: the JAX runtime aborted it: the coordinator" in log, log[-3000:]
 
 
 def test_a_process_that_raises_ends_the_other_at_once(tmp_path):

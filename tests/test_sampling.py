@@ -270,11 +270,11 @@ def test_streaming_in_chunks_gives_the_same_text(model):
 def test_repeated_calls_do_not_recompile(model):
     cfg = SamplingConfig(temperature=0.8, top_p=0.9, max_new_tokens=NEW)
     generate(model, None, PROMPTS, cfg, seed=0, max_len=MAX_LEN)
-    sizes = sampling._prefill._cache_size(), sampling._decode_chunk._cache_size()
+    sizes = sampling.decode._prefill._cache_size(), sampling.decode._decode_chunk._cache_size()
     graphdef, params = nnx.split(model)
     other = SamplingConfig(temperature=1.3, top_k=4, min_p=0.1, max_new_tokens=NEW, stop_ids=(3, 4))
     generate(graphdef, params, [[5, 6], [7], [8, 9, 10]], other, seed=9, max_len=MAX_LEN)
-    assert (sampling._prefill._cache_size(), sampling._decode_chunk._cache_size()) == sizes
+    assert (sampling.decode._prefill._cache_size(), sampling.decode._decode_chunk._cache_size()) == sizes
 
 
 # -- bad input: clear errors before anything compiles -----------------------------------------------------
@@ -296,10 +296,10 @@ def test_bad_sampling_settings_are_rejected(fields, message):
     ([[1, 99]], MAX_LEN, r"token 1: id 99 is outside the vocabulary \[0, 48\)"),
     ([[1, -1]], MAX_LEN, "id -1 is outside")])
 def test_bad_prompts_are_rejected_before_compiling(model, prompts, max_len, message):
-    before = sampling._prefill._cache_size()
+    before = sampling.decode._prefill._cache_size()
     with pytest.raises(ValueError, match=message):
         generate(model, None, prompts, SamplingConfig(max_new_tokens=NEW), seed=0, max_len=max_len)
-    assert sampling._prefill._cache_size() == before
+    assert sampling.decode._prefill._cache_size() == before
 
 
 # -- the command line ------------------------------------------------------------------------------
@@ -309,7 +309,7 @@ def test_bad_prompts_are_rejected_before_compiling(model, prompts, max_len, mess
 def run_dir(tmp_path_factory):
     """A run directory as training leaves it: config.json and a checkpoint of random weights."""
     from configs import base
-    from lm import checkpoint
+    from lm.io import checkpoint
 
     run = str(tmp_path_factory.mktemp("run"))
     config = base.get_config()
@@ -329,14 +329,14 @@ def run_dir(tmp_path_factory):
 def _cli(args, stdin=""):
     import io
 
-    from lm import sample
+    from lm.cli import sample
     out = io.StringIO()
     code = sample.main(args, out=out, stdin=io.StringIO(stdin))
     return code, out.getvalue()
 
 
 def test_cli_streams_reproducible_samples_in_plain_and_chat_mode(run_dir):
-    from lm.checkpoint import load_for_inference
+    from lm.io.checkpoint import load_for_inference
     from lm.data import build_tokenizer
 
     common = [f"--run_dir={run_dir}", "--max_new_tokens=10", "--temperature=0.9", "--chunk_size=3"]

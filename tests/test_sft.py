@@ -292,7 +292,7 @@ def test_tokenizer_of_the_init_checkpoint_must_match(tmp_path):
 def test_main_trains_then_reports_exact_match(tmp_path):
     env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
     source = [] if WORD_CHAT_REGISTERED else ["--config.data.source=arithmetic_chat"]  # see the SFT report
-    proc = subprocess.run([sys.executable, "-m", "lm.main", "--config=configs/sft.py:tiny", f"--workdir={tmp_path}",
+    proc = subprocess.run([sys.executable, "-m", "lm.cli.train", "--config=configs/sft.py:tiny", f"--workdir={tmp_path}",
                            *source], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.load(open(tmp_path / "summary.json"))

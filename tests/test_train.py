@@ -11,11 +11,11 @@ import pytest
 
 from configs import default
 from conftest import markov_batch
-from lm import sharding as shd
+from lm.parallel import sharding as shd
 from lm import train
 from lm.model import ModelConfig
 from lm.objectives import pretrain
-from lm.optim import clip_by_global_norm, make_optimizer, weight_decay_mask
+from lm.train.optim import clip_by_global_norm, make_optimizer, weight_decay_mask
 
 CFG = ModelConfig(vocab_size=16, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64)
 

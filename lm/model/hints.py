@@ -1,7 +1,7 @@
 """Activation sharding hints: the model names its activations' logical axes; a mesh, if any,
 turns them into sharding constraints.
 
-Parameters are laid out by their logical axes (lm.sharding); activations are left to XLA's
+Parameters are laid out by their logical axes (lm.parallel.sharding); activations are left to XLA's
 sharding propagation, which on FSDP meshes may keep a whole batch on every device after it
 gathers a weight. `constrain` names an activation's logical axes ("batch", "length", "embed",
 "heads", "kv_heads", "head_dim", "mlp", "vocab"); while tracing inside `activation_sharding(fn)`

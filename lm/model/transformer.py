@@ -11,7 +11,7 @@ key/value cache, lm/model/cache.py). The blocks are stacked along a leading `lay
 applied with `lax.scan` (compile time flat in depth) or unrolled; a decode layout may hold them as
 separate per-layer modules instead (lm/model/cpu.py), which the same forward pass runs in turn.
 
-Every parameter carries `logical_axes` metadata; `lm.sharding` maps these names onto mesh axes,
+Every parameter carries `logical_axes` metadata; `lm.parallel.sharding` maps these names onto mesh axes,
 so the model knows nothing about meshes. After `graphdef, params = nnx.split(model)`,
 `nnx.merge(graphdef, params)` inside a jitted function gives a pure forward pass over a plain
 dict of arrays.

@@ -2,7 +2,7 @@
 
 Each module exposes `make_loss_fn(config, graphdef)`, returning
 `loss_fn(params, batch, rng) -> (objective_sum, sums)` for the generic trainer (see
-lm/train.py): a sum over scored tokens and a dict of sums that includes `count`.
+lm/train/step.py): a sum over scored tokens and a dict of sums that includes `count`.
 A module may also define `after_training(config, result, tokenizer, workdir) -> dict`,
 whose entries are added to the run's summary.json (e.g. an exact-match evaluation).
 """

@@ -70,11 +70,11 @@ def find_tokenizer_metadata(path: str) -> str:
             return candidate
         here = os.path.dirname(here)
     raise FileNotFoundError(f"no {METADATA_FILE} for checkpoint {path!r} (looked at {looked}): cannot check "
-                            "that its tokenizer matches this run's; lm.main writes it into every run directory")
+                            "that its tokenizer matches this run's; lm.cli.train writes it into every run directory")
 
 
 def before_training(config: Any, tokenizer: Any) -> None:
-    """Checks to run before any checkpoint is restored (see the SFT report: lm/main.py hook)."""
+    """Checks to run before any checkpoint is restored (see the SFT report: lm/cli/train.py hook)."""
     check_init_checkpoint(config, tokenizer)
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from lm import metrics as mx
+from lm.io import metrics as mx
 
 
 def summarize(config: Any, model_cfg: Any, result: Any, source_info: dict) -> dict:

@@ -1,6 +1,6 @@
 """Launch `lm` on every worker of a Cloud TPU VM slice: print the commands, or run them.
 
-    python -m lm.launch --tpu=my-v5p --zone=us-east5-a --config=configs/llama_8b.py:v5p-128 \\
+    python -m lm.cli.launch --tpu=my-v5p --zone=us-east5-a --config=configs/llama_8b.py:v5p-128 \\
         --workdir=/mnt/shared/runs/llama8b [--project=P] [--create] [--run] [--detach] \\
         [-- --config.train.steps=1000 ...]
 
@@ -11,7 +11,7 @@ Steps (each a `gcloud` command; see docs/tpu.md):
   3. install it on every worker: a venv (made by `uv`, with this Python version) holding
      `jax[tpu]` of the local JAX version and this project (`pip install -e`)
   4. start training on every worker at once (`tpu-vm ssh --worker=all --command=...`): each
-     host runs one `python -m lm.main` process; `config.distributed.auto` makes JAX find the
+     host runs one `python -m lm.cli.train` process; `config.distributed.auto` makes JAX find the
      coordinator, process count and process id from the TPU metadata.
 Without --run the commands are printed (copy, edit, paste); with --run they are executed in
 order and the first failure stops the launch with its exit status.
@@ -60,7 +60,7 @@ def runtime_version(accelerator: str) -> str:
 
 def train_command(args: argparse.Namespace) -> str:
     """The shell line each worker runs."""
-    argv = [f"{REMOTE_VENV}/bin/python", "-m", "lm.main", f"--config={args.config}", f"--workdir={args.workdir}",
+    argv = [f"{REMOTE_VENV}/bin/python", "-m", "lm.cli.train", f"--config={args.config}", f"--workdir={args.workdir}",
             "--config.distributed.auto=True", *args.overrides]
     line = " ".join(_quote_remote(a) for a in argv)
     if args.detach:
@@ -122,7 +122,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     overrides: list[str] = []
     if "--" in argv:
         argv, overrides = argv[:argv.index("--")], argv[argv.index("--") + 1:]
-    ap = argparse.ArgumentParser(prog="python -m lm.launch", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m lm.cli.launch", description=__doc__.split("\n\n")[0])
     ap.add_argument("--tpu", required=True, help="name of the TPU VM slice")
     ap.add_argument("--zone", required=True, help="its zone, e.g. us-east5-a")
     ap.add_argument("--project", default=None, help="GCP project (default: gcloud's)")
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.run:
             code = subprocess.call(cmd)
             if code:
-                print(f"lm.launch: step {i} ({what}) failed with exit status {code}; stopping", file=sys.stderr)
+                print(f"lm.cli.launch: step {i} ({what}) failed with exit status {code}; stopping", file=sys.stderr)
                 return code
     if args.detach:
         for what, cmd in follow_up(args):

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from lm import sharding as shd
+from lm.parallel import sharding as shd
 from lm.losses import mean_of
 from lm.model import ModelConfig, Transformer, activation_sharding
 

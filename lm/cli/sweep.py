@@ -8,9 +8,9 @@ An experiment is a Python file with
 
 and optionally `NAME` and `COLUMNS` (summary.json keys to put in the table).
 
-    python -m lm.sweep experiments/lr_sweep.py                  # run one after another here
-    python -m lm.sweep experiments/lr_sweep.py --print_only     # print the command lines (for a cluster)
-    python -m lm.sweep experiments/lr_sweep.py --set train.steps=50   # extra overrides for every run
+    python -m lm.cli.sweep experiments/lr_sweep.py                  # run one after another here
+    python -m lm.cli.sweep experiments/lr_sweep.py --print_only     # print the command lines (for a cluster)
+    python -m lm.cli.sweep experiments/lr_sweep.py --set train.steps=50   # extra overrides for every run
 
 Each run gets its own run directory under `--root` (default runs/sweeps/<name>/<run>);
 a run that already has a summary.json is not run again. At the end every run's
@@ -40,7 +40,7 @@ def load_experiment(path: str):
     spec.loader.exec_module(module)
     for attr in ("CONFIG", "sweep"):
         if not hasattr(module, attr):
-            raise AttributeError(f"{path} must define {attr} (see lm/sweep.py)")
+            raise AttributeError(f"{path} must define {attr} (see lm/cli/sweep.py)")
     return module
 
 
@@ -53,7 +53,7 @@ def run_name(overrides: dict[str, Any]) -> str:
 
 
 def command(config: str, overrides: dict[str, Any], workdir: str) -> list[str]:
-    args = [sys.executable, "-m", "lm.main", f"--config={config}", f"--workdir={workdir}"]
+    args = [sys.executable, "-m", "lm.cli.train", f"--config={config}", f"--workdir={workdir}"]
     args += [f"--config.{k}={v}" for k, v in overrides.items()]
     return args
 

@@ -1,7 +1,7 @@
 """Checkpoints with orbax: train state, data-iterator state, resolved config; checked on restore.
 
 Layout of a run directory:
-    config.json                      the resolved config (readable JSON, written by lm/main.py)
+    config.json                      the resolved config (readable JSON, written by lm/cli/train.py)
     checkpoints/<step>/state/        the TrainState (orbax PyTree: step, params, opt_state, rng, …)
     checkpoints/<step>/data/process_<i>  each process's data iterator get_state() (JSON)
     checkpoints/<step>/meta/metadata step, time, a checksum of every array, counters (JSON)
@@ -14,7 +14,7 @@ Why it can be trusted:
     when everything is written. A save cut short (kill -9, power loss) leaves only the temporary
     directory, which is never listed as a checkpoint; `Checkpointer` reports and removes it.
   * orbax does not notice flipped bytes in an array file (it restores wrong numbers). So each
-    save also records exact checksums of every array (lm/checksum.py; independent of sharding)
+    save also records exact checksums of every array (lm/io/checksum.py; independent of sharding)
     and `restore` recomputes them: a damaged checkpoint is refused, and `restore` falls back to
     the newest one that reads back intact, saying so.
   * Shapes are compared with the model before any array is read: a checkpoint of another
@@ -38,7 +38,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from lm.checksum import fingerprints, fingerprints_json, leaves_by_path, start_fingerprints
+from lm.io.checksum import fingerprints, fingerprints_json, leaves_by_path, start_fingerprints
 
 TMP_MARK = ".orbax-checkpoint-tmp"  # orbax's suffix for a step directory still being written
 BROKEN_DIR = "checkpoints_broken"
@@ -313,7 +313,7 @@ class Checkpointer(CheckpointReader):
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
-            multihost_utils.sync_global_devices("lm.checkpoint.set_aside")
+            multihost_utils.sync_global_devices("lm.io.checkpoint.set_aside")
         self.manager.reload()
         return moved
 

@@ -13,7 +13,7 @@ and raises `DoesNotFit` when the total exceeds `config.mesh.memory_fraction` of 
 memory (`config.mesh.device_memory_gib`, else what the device reports; CPUs report nothing,
 so there the check is skipped unless a size is configured).
 
-The same code checks a TPU-sized config on this machine: `python -m lm.memory
+The same code checks a TPU-sized config on this machine: `python -m lm.train.memory
 --config=configs/llama_8b.py:v5p-128` compiles its real train step against a virtual CPU
 mesh of the slice's size (a subprocess with --xla_force_host_platform_device_count=N) —
 compile only, never run — and prints the report. CPU and TPU compilers fuse and lay out
@@ -34,7 +34,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lm import sharding as shd
+from lm.parallel import sharding as shd
 
 GiB = 2**30
 BATCH_DTYPES = {"inputs": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.float32,
@@ -163,7 +163,7 @@ def plan_config(config: Any, devices: list | None = None) -> tuple[Any, MemoryRe
     from lm import train
     from lm.model import ModelConfig, param_count
     from lm.objectives import get as get_objective
-    from lm.optim import make_optimizer
+    from lm.train.optim import make_optimizer
 
     fields = dict(config.model)
     if fields.get("vocab_size") is None:
@@ -186,7 +186,7 @@ def plan_config(config: Any, devices: list | None = None) -> tuple[Any, MemoryRe
 
 
 def _main(argv: list[str]) -> int:
-    """python -m lm.memory --config=FILE[:ARG] [--devices=N] [--layers=L] [--config.a.b=v ...]"""
+    """python -m lm.train.memory --config=FILE[:ARG] [--devices=N] [--layers=L] [--config.a.b=v ...]"""
     from absl import flags
     from ml_collections import config_flags
 
@@ -200,9 +200,9 @@ def _main(argv: list[str]) -> int:
     if devices and os.environ.get("LM_MEMORY_DEVICES") != str(devices):  # re-run with N virtual CPUs
         flags_env = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
         env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags_env.strip(), LM_MEMORY_DEVICES=str(devices))
-        return subprocess.call([sys.executable, "-m", "lm.memory", *argv[1:]], env=env)
+        return subprocess.call([sys.executable, "-m", "lm.train.memory", *argv[1:]], env=env)
     if devices and jax.device_count() != devices:
-        raise RuntimeError(f"lm.memory: wanted {devices} devices, JAX has {jax.device_count()}")
+        raise RuntimeError(f"lm.train.memory: wanted {devices} devices, JAX has {jax.device_count()}")
     if flags.FLAGS.layers:
         config.model.num_layers = flags.FLAGS.layers
     config.distributed.auto = False

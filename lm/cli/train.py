@@ -1,7 +1,7 @@
 """The command line: read an ml_collections config, train, evaluate, report.
 
-    python -m lm.main --config=configs/default.py --workdir=runs/default
-    python -m lm.main --config=configs/default.py:tiny --config.optimizer.lr=1e-3 --workdir=/tmp/x
+    python -m lm.cli.train --config=configs/default.py --workdir=runs/default
+    python -m lm.cli.train --config=configs/default.py:tiny --config.optimizer.lr=1e-3 --workdir=/tmp/x
 
 The run directory receives config.json, metrics.jsonl, summary.json, loss.png and
 checkpoints/. Running again with the same --workdir resumes from its newest checkpoint.
@@ -9,8 +9,8 @@ checkpoints/. Running again with the same --workdir resumes from its newest chec
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # before jax is imported: glibc settings for XLA:CPU (see lm/runtime.py)
-    from lm.runtime import tune_malloc
+if __name__ == "__main__":  # before jax is imported: glibc settings for XLA:CPU (see lm/cli/runtime.py)
+    from lm.cli.runtime import tune_malloc
 
     tune_malloc()
 
@@ -39,9 +39,11 @@ def build_model_config(config: ml_collections.ConfigDict, vocab_size: int):
 
 def train_and_report(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Train `config` in `workdir`; write summary.json and loss.png; print samples. Returns the summary."""
-    from lm import checkpoint as ckpt
-    from lm import data, loop, objectives, sharding
-    from lm import report
+    from lm.io import checkpoint as ckpt
+    from lm import data, objectives
+    from lm.train import loop
+    from lm.parallel import sharding
+    from lm.io import report
 
     tokenizer = data.build_tokenizer(config.data)
     model_cfg = build_model_config(config, tokenizer.vocab_size)
@@ -87,7 +89,7 @@ def main(argv):
     config = _CONFIG.value
     workdir = _WORKDIR.value or os.path.join("runs", os.path.splitext(os.path.basename(
         flags.FLAGS["config"].config_filename))[0])
-    from lm import distributed
+    from lm.parallel import distributed
 
     distributed.maybe_initialize(config)
     train_and_report(config, workdir)

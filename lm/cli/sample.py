@@ -1,11 +1,11 @@
 """Sample from a trained run, streaming text to the terminal.
 
-    python -m lm.sample --run_dir=runs/x --prompt="Once upon a time" --temperature=0.8 --top_p=0.95 \\
+    python -m lm.cli.sample --run_dir=runs/x --prompt="Once upon a time" --temperature=0.8 --top_p=0.95 \\
         --num_samples=3 --max_new_tokens=200
-    python -m lm.sample --run_dir=runs/sft --chat              # interactive chat: one user turn per line
-    python -m lm.sample --run_dir=runs/sft --prompt="2+3=?"      # one chat turn (chat is on for SFT runs)
+    python -m lm.cli.sample --run_dir=runs/sft --chat              # interactive chat: one user turn per line
+    python -m lm.cli.sample --run_dir=runs/sft --prompt="2+3=?"      # one chat turn (chat is on for SFT runs)
 
-The run directory holds config.json and orbax checkpoints (lm/checkpoint.py: load_for_inference);
+The run directory holds config.json and orbax checkpoints (lm/io/checkpoint.py: load_for_inference);
 the tokenizer comes from its data config. Plain mode: the prompt is `<|bos|>` (when data.add_bos)
 + the encoded text, and a sample stops at `<|eos|>`. Chat mode (`--chat=auto`: on for the `sft`
 objective or a chat data source) renders the conversation with the chat template
@@ -13,7 +13,7 @@ objective or a chat data source) renders the conversation with the chat template
 `<|end_of_turn|>` or `<|eos|>`; in interactive chat the history is kept across turns.
 
 Streaming: the decode loop is jit-compiled, so tokens come back in chunks of `--chunk_size`
-(one jitted while_loop call per chunk over the same cache, lm/sampling.py); each chunk's text is
+(one jitted while_loop call per chunk over the same cache, lm/sampling/decode.py); each chunk's text is
 printed as soon as it arrives. Samples run one after another, sample i with seed `--seed + i`, so
 each is reproducible alone (`--seed=S+i --num_samples=1` prints sample i again).
 """
@@ -32,7 +32,7 @@ CHAT_SOURCES = ("chat_jsonl", "arithmetic_chat")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m lm.sample", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m lm.cli.sample", description=__doc__.split("\n")[0])
     p.add_argument("--run_dir", required=True, help="a training run directory (config.json + checkpoints/)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
     p.add_argument("--prompt", default=None, help="text to continue (chat: the user message); "
@@ -103,10 +103,10 @@ def main(argv: Sequence[str] | None = None, *, stdin: TextIO = sys.stdin, out: T
             raise ValueError(f"--num_samples and --chunk_size must be >= 1, got {args.num_samples}, "
                              f"{args.chunk_size}")
     except ValueError as e:
-        print(f"lm.sample: error: {e}", file=sys.stderr)
+        print(f"lm.cli.sample: error: {e}", file=sys.stderr)
         return 2
 
-    from lm.checkpoint import load_for_inference
+    from lm.io.checkpoint import load_for_inference
     from lm.data import build_tokenizer
     from lm.data.chat import render_prompt
 
@@ -157,7 +157,7 @@ def main(argv: Sequence[str] | None = None, *, stdin: TextIO = sys.stdin, out: T
                 reply = [t for t in ids if t not in stop_ids]
                 messages.append({"role": "assistant", "content": tokenizer.decode(reply, skip_special=True)})
     except ValueError as e:
-        print(f"lm.sample: error: {e}", file=sys.stderr)
+        print(f"lm.cli.sample: error: {e}", file=sys.stderr)
         return 2
     return 0
 

@@ -29,14 +29,14 @@ import jax
 import ml_collections
 import numpy as np
 
-from lm import checkpoint as ckpt
-from lm import memory
-from lm import metrics as mx
-from lm import preemption
-from lm import sharding as shd
+from lm.io import checkpoint as ckpt
+from lm.train import memory
+from lm.io import metrics as mx
+from lm.train import preemption
+from lm.parallel import sharding as shd
 from lm import train
 from lm.model import ModelConfig, flops_per_token, param_count
-from lm.optim import make_optimizer
+from lm.train.optim import make_optimizer
 
 
 @dataclasses.dataclass

@@ -1,4 +1,4 @@
-"""Multi-process start-up and failing fast when a peer dies (per-process rows: lm.sharding.batch_shard).
+"""Multi-process start-up and failing fast when a peer dies (per-process rows: lm.parallel.sharding.batch_shard).
 
 One code path from 1 CPU to a pod, on JAX's own runtime (`jax.distributed`):
 
@@ -302,14 +302,14 @@ def _install_excepthook() -> None:
             if dog is not None and exc_type.__name__ in ("JaxRuntimeError", "XlaRuntimeError"):
                 # a failed collective is most often a peer's death: give the watchdog time to name it
                 # (it ends the process itself when it does)
-                sys.stderr.write("lm.distributed: a runtime error; checking whether another process died\n")
+                sys.stderr.write("lm.parallel.distributed: a runtime error; checking whether another process died\n")
                 sys.stderr.flush()
                 dog.stopped.wait(dog.timeout + 3 * dog.interval)
                 if dog.exiting:  # it named the lost peer and is exiting with EXIT_PEER_LOST: leave the
                     # status to it rather than race it with EXIT_FAILED (seen under load in CI)
                     time.sleep(10)
                     os._exit(EXIT_PEER_LOST)
-            sys.stderr.write(f"lm.distributed: process {jax.process_index()} of {jax.process_count()} failed "
+            sys.stderr.write(f"lm.parallel.distributed: process {jax.process_index()} of {jax.process_count()} failed "
                              f"({exc_type.__name__}); exiting now so that the others stop too\n")
             if dog is not None:
                 dog.stop(f"failed: {exc_type.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500])

@@ -5,7 +5,7 @@ The mesh has three named axes:
   fsdp    data parallelism with parameters and optimizer state split (ZeRO-3 / FSDP);
   tensor  tensor parallelism: heads, MLP width and vocabulary split.
 The batch is split over (data, fsdp). A parameter's sharding comes from its
-`logical_axes` metadata (set in lm/model.py) through `rules`: logical name → mesh
+`logical_axes` metadata (set in lm/model/) through `rules`: logical name → mesh
 axis or None. A mesh axis is used at most once per parameter, and only where it
 divides the dimension; otherwise that dimension stays replicated. One code path
 serves every mesh, the 1-device mesh included.

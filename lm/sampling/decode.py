@@ -1,6 +1,6 @@
 """Sampling from the Transformer: a jit-compiled decode loop over its KV cache.
 
-The logit filters (temperature, top-k, top-p, min-p; their math and order) are in ``lm.filters``
+The logit filters (temperature, top-k, top-p, min-p; their math and order) are in ``lm.sampling.filters``
 and re-exported here.
 
 Decoding
@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lm.filters import (  # noqa: F401  (re-exported: lm.sampling.top_k_filter, ...)
+from lm.sampling.filters import (  # noqa: F401  (re-exported by lm.sampling)
     apply_temperature, filter_logits, min_p_filter, sample_token, top_k_filter, top_p_filter)
 from lm.model.cpu import for_decoding
 
