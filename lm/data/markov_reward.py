@@ -261,7 +261,8 @@ class MarkovReward:
         mu, s, n = self._start(start), self.num_symbols, self.num_states
         counts, prob, eye = np.zeros((1, s), np.int64), mu[:, None], np.eye(s, dtype=np.int64)
         for _ in range(self.horizon):
-            counts, inverse = np.unique((counts[:, None, :] + eye).reshape(-1, s), axis=0, return_inverse=True)
+            successors = (counts[:, None, :] + eye).reshape(-1, s)  # [K_old·S, S]
+            counts, inverse = np.unique(successors, axis=0, return_inverse=True)
             inverse = inverse.reshape(-1, s)  # [K_old, S] -> index among the new counts
             k = len(counts)
             index = self.next_state[:, None, :] * k + inverse[None, :, :]

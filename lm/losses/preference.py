@@ -199,7 +199,8 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     if loss_type in ("sigmoid", "reference_free"):
         loss = -(1.0 - eps) * jax.nn.log_sigmoid(logits) - eps * jax.nn.log_sigmoid(-logits)
     elif loss_type == "robust":
-        loss = (-(1.0 - eps) * jax.nn.log_sigmoid(logits) + eps * jax.nn.log_sigmoid(-logits)) / (1.0 - 2.0 * eps)
+        loss = ((-(1.0 - eps) * jax.nn.log_sigmoid(logits) + eps * jax.nn.log_sigmoid(-logits))
+                / (1.0 - 2.0 * eps))
     elif loss_type == "hinge":
         loss = jax.nn.relu(1.0 - logits)
     else:  # ipo
