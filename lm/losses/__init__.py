@@ -9,10 +9,13 @@ gradient, never NaN. All math runs in float32 whatever the input dtype.
     sums.py           mean_of: the (sum, count) convention
     cross_entropy.py  next-token cross-entropy (explicit logits, or fused with the output projection)
     divergences.py    entropy, soft cross-entropy, KL, summed sequence log-probabilities
+    preference.py     pairwise preference: Bradley–Terry reward-model loss, DPO and its variants
 """
 from lm.losses.cross_entropy import LossOutput, cross_entropy, fused_cross_entropy
 from lm.losses.divergences import TokenStats, entropy, kl_divergence, sequence_logprobs, soft_cross_entropy
+from lm.losses.preference import BradleyTerryOutput, DPOOutput, bradley_terry_loss, dpo_loss, dpo_metrics
 from lm.losses.sums import mean_of
 
 __all__ = ["LossOutput", "TokenStats", "cross_entropy", "entropy", "fused_cross_entropy", "kl_divergence",
-           "mean_of", "sequence_logprobs", "soft_cross_entropy"]
+           "mean_of", "sequence_logprobs", "soft_cross_entropy",
+           "BradleyTerryOutput", "DPOOutput", "bradley_terry_loss", "dpo_loss", "dpo_metrics"]
