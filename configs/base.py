@@ -77,6 +77,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # its own (the run then resumes from that).
     t.restore_from = ml_collections.FieldReference(None, field_type=str)  # None: a fresh start
     t.restore_params_only = False  # with restore_from: parameters only (fine-tuning: step 0, new optimizer and data)
+    # Start a new run (step 0, fresh optimizer and data order) from another run's parameters: every parameter
+    # whose path and shape match is taken from its newest checkpoint, the rest (a new reward or value head)
+    # freshly initialized (lm/train/init.py). A run directory, its checkpoints/ or one checkpoints/<step>/.
+    t.init_from = ml_collections.FieldReference(None, field_type=str)  # None: no
     # fault injection for tests of lm/train/loop.py; all off by default
     t.inject = ml_collections.ConfigDict()
     t.inject.nan_steps = ""  # comma-separated steps (1-based) whose batch gets a NaN loss mask, e.g. "5,6"

@@ -67,7 +67,10 @@ def train_and_report(config: ml_collections.ConfigDict, workdir: str) -> dict:
             tokenizer.save_metadata(workdir)
     result = loop.run(config, workdir, model_cfg=model_cfg,
                       make_loss_fn=lambda graphdef: objective.make_loss_fn(config, graphdef),
-                      train_iter=train_iter, valid_batches=valid_batches)
+                      train_iter=train_iter, valid_batches=valid_batches,
+                      make_model=objectives.make_model(objective, config, model_cfg),
+                      frozen=objectives.frozen_models(objective, config, model_cfg),
+                      batch_kind=objectives.batch_kind(objective))
     info = data.source_info(config.data, seq_len=tc.seq_len)
     summary = report.summarize(config, model_cfg, result, info)
     if hasattr(objective, "after_training"):

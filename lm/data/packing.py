@@ -35,22 +35,18 @@ from typing import Any
 import grain
 import numpy as np
 
+from lm.data import batch as contract
 from lm.data.errors import zero_counts
 
 PACKING_MODES = ('concat', 'first_fit')
-BATCH_KEYS = ('inputs', 'targets', 'loss_mask', 'segment_ids', 'positions')
+BATCH_KEYS = contract.KEYS  # the contract's fields (lm/data/batch.py)
 
 
 def empty_batch(batch_size: int, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
     """All-padding batch: segment_ids 0 and loss_mask 0 everywhere. Arrays [B, T]."""
-    shape = (batch_size, seq_len)
-    return {
-        'inputs': np.full(shape, pad_id, np.int32),
-        'targets': np.full(shape, pad_id, np.int32),
-        'loss_mask': np.zeros(shape, np.float32),
-        'segment_ids': np.zeros(shape, np.int32),
-        'positions': np.zeros(shape, np.int32),
-    }
+    out = contract.spec('tokens', batch_size, seq_len)
+    out['inputs'][:] = out['targets'][:] = pad_id
+    return out
 
 
 class _BatchBuilder:

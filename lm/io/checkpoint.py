@@ -345,6 +345,19 @@ def restore_params(path: str, abstract_params: Any) -> Restored:
     return result._replace(tree=result.tree["params"])
 
 
+def stored_param_shapes(path: str) -> tuple[str, int, dict[str, tuple]]:
+    """(checkpoint directory, step, {param path: shape}) of the newest checkpoint under `path`;
+    reads only metadata. Paths as `leaves_by_path` writes them, without the 'params/' prefix."""
+    directory, step = find_checkpoints(path)
+    reader = CheckpointReader(directory)
+    try:
+        step = step if step is not None else reader.latest_step()
+        stored = leaves_by_path(reader.manager.item_metadata(step)["state"], is_leaf=lambda x: hasattr(x, "shape"))
+    finally:
+        reader.close()
+    return directory, step, {k[len("params/"):]: tuple(v.shape) for k, v in stored.items() if k.startswith("params/")}
+
+
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:

@@ -1,10 +1,15 @@
-"""Objectives: one module per objective (`lm/objectives/<name>.py`).
+"""Objectives: one module per objective (`lm/objectives/<name>.py`). Objectives do no I/O.
 
 Each module exposes `make_loss_fn(config, graphdef)`, returning
-`loss_fn(params, batch, rng) -> (objective_sum, sums)` for the generic trainer (see
-lm/train/step.py): a sum over scored tokens and a dict of sums that includes `count`.
-A module may also define `after_training(config, result, tokenizer, workdir) -> dict`,
-whose entries are added to the run's summary.json (e.g. an exact-match evaluation).
+`loss_fn(params, batch, rng, frozen) -> (objective_sum, sums)` for the generic trainer (see
+lm/train/step.py): a sum over scored tokens (or pairs, or sequences) and a dict of sums that
+includes `count`. A module may also define
+
+    BATCH_KIND = "tokens" | "preference"         the batch it reads (lm/data/batch.py); default tokens
+    make_model(config, model_cfg) -> factory     what it trains (default: a Transformer of model_cfg)
+    frozen_models(config, model_cfg) -> {name: lm.train.FrozenModel}   models its loss reads, frozen
+
+Evaluations after training are lm/evals/ evaluators, chosen in config.eval.evaluators.
 """
 
 import importlib
@@ -20,3 +25,18 @@ def get(name: str):
     if name not in names():
         raise ValueError(f"config.objective={name!r} is not one of {names()}")
     return importlib.import_module(f"lm.objectives.{name}")
+
+
+def batch_kind(objective) -> str:
+    return getattr(objective, "BATCH_KIND", "tokens")
+
+
+def make_model(objective, config, model_cfg):
+    """The objective's model factory, or None (a Transformer of model_cfg)."""
+    fn = getattr(objective, "make_model", None)
+    return fn(config, model_cfg) if fn else None
+
+
+def frozen_models(objective, config, model_cfg) -> dict:
+    fn = getattr(objective, "frozen_models", None)
+    return fn(config, model_cfg) if fn else {}

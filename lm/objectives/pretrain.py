@@ -36,11 +36,11 @@ def token_loss(model, batch: dict, loss_cfg: Any) -> losses.LossOutput:
 
 
 def make_loss_fn(config: Any, graphdef: Any):
-    """loss_fn(params, batch, rng) -> (objective_sum, sums) for the trainer."""
+    """loss_fn(params, batch, rng, frozen) -> (objective_sum, sums) for the trainer."""
     loss_cfg = config.loss
 
-    def loss_fn(params, batch, rng):
-        del rng  # no dropout in this model
+    def loss_fn(params, batch, rng, frozen=None):
+        del rng, frozen  # no dropout in this model; no frozen model
         out = token_loss(nnx.merge(graphdef, params), batch, loss_cfg)
         return out.sum, sums_of(out)
 

@@ -1,15 +1,18 @@
 """The training loop: start or resume, step, log, evaluate, checkpoint, stop cleanly. Effects
 live here, at the edge.
 
-`run()` is objective-agnostic: it gets the model config, a function that builds the loss from
-the model's graphdef, a training iterator of per-process numpy batches (with get_state /
-set_state) and a function that yields fresh validation batches.
+`run()` is objective-agnostic: it gets the model config (and optionally a model factory and
+frozen models, lm/train/state.py), a function that builds the loss from the model's graphdef, a
+training iterator of per-process numpy batches (with get_state / set_state) and a function that
+yields fresh validation batches.
 
 Where a run starts (first match):
   1. the workdir holds a checkpoint: resume from the newest intact one (state, data order, rng);
   2. train.restore_from: resume another run's checkpoint in this workdir, or, with
      train.restore_params_only, take only its parameters and start a new run at step 0;
-  3. otherwise a fresh start from config.seed.
+  3. train.init_from: a new run at step 0 whose parameters that match the other run's (path and
+     shape) are taken from it, the rest (a new head) freshly initialized (lm/train/init.py);
+  4. otherwise a fresh start from config.seed.
 A run resumed from step k logs exactly the losses an uninterrupted run logs after step k.
 
 Stopping: SIGTERM/SIGINT finish the step, save a checkpoint and raise `preemption.Preempted`
@@ -36,7 +39,10 @@ from lm.train import preemption
 from lm.parallel import sharding as shd
 from lm import train
 from lm.model import ModelConfig, flops_per_token, param_count
+from lm.train.init import init_params
+from lm.train.init import load_frozen as load_frozen_params
 from lm.train.optim import make_optimizer
+from lm.train.state import FrozenModel, ModelFactory, init_frozen
 
 
 @dataclasses.dataclass
@@ -61,7 +67,9 @@ def parse_steps(text: str) -> set[int]:
 
 
 def poison(batch: dict) -> dict:
-    """The batch with a NaN loss mask: its loss and gradient are NaN (a fault-injection hook)."""
+    """The batch with NaN loss masks: its loss and gradient are NaN (a fault-injection hook)."""
+    if "loss_mask" not in batch:  # a preference pair: poison both sides
+        return {side: poison(b) for side, b in batch.items()}
     return dict(batch, loss_mask=batch["loss_mask"] * np.float32(np.nan))
 
 
@@ -105,8 +113,12 @@ def _validate(tc: ml_collections.ConfigDict, mesh) -> None:
                          f"({batch_shards}) × train.micro_batches ({tc.micro_batches})")
     if tc.restore_params_only and not tc.restore_from:
         raise ValueError("train.restore_params_only needs train.restore_from (a run or checkpoint path)")
-    if tc.restore_from:
-        ckpt.find_checkpoints(tc.restore_from)  # a missing or unreadable path fails now, not after compiling
+    if tc.restore_from and tc.init_from:
+        raise ValueError("set train.restore_from (resume another run) or train.init_from (start from its "
+                         "parameters), not both")
+    for key in ("restore_from", "init_from"):
+        if tc[key]:  # a missing or unreadable path fails now, not after compiling
+            ckpt.find_checkpoints(tc[key])
 
 
 def _set_data_state(train_iter: Any, data_state: dict) -> None:
@@ -133,6 +145,10 @@ def initial_state(tc, checkpointer: ckpt.Checkpointer, setup: train.Setup, state
         _set_data_state(train_iter, restored.data)
         _log(f"resumed from {restored.path} (step {int(restored.tree.step)})")
         return restored.tree, restored.step, int(restored.meta.get("skipped_steps", 0))
+    if tc.init_from and not tc.restore_from:
+        params, _ = init_params(tc.init_from, target.params, state.params, log=_log)
+        opt_state = jax.jit(optimizer.init, out_shardings=setup.state_shardings.opt_state)(params)
+        return state._replace(params=params, opt_state=opt_state), 0, 0
     if not tc.restore_from:
         return state, 0, 0
     if tc.restore_params_only:
@@ -152,23 +168,46 @@ def initial_state(tc, checkpointer: ckpt.Checkpointer, setup: train.Setup, state
     return restored.tree, restored.step, int(restored.meta.get("skipped_steps", 0))
 
 
+def load_frozen(setup: train.Setup, sources: dict[str, FrozenModel], seed: int) -> dict:
+    """The frozen models' parameters, in their sharded layout: from each one's checkpoint, or
+    freshly initialized where it names none."""
+    frozen = {}
+    for name, source in sources.items():
+        if source.path:
+            target = ckpt.abstract_with_shardings(setup.abstract_frozen[name], setup.frozen_shardings[name])
+            frozen[name] = load_frozen_params(source.path, target)
+            _log(f"frozen model {name!r}: parameters from {source.path}")
+        else:
+            frozen[name] = init_frozen(setup, name, seed)
+    return frozen
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, *, model_cfg: ModelConfig,
         make_loss_fn: Callable[[Any], train.LossFn], train_iter: Any,
-        valid_batches: Callable[[], Iterable[dict]]) -> RunResult:
+        valid_batches: Callable[[], Iterable[dict]], make_model: ModelFactory | None = None,
+        frozen: dict[str, FrozenModel] | None = None, batch_kind: str = "tokens") -> RunResult:
+    """Train `config` in `workdir`. make_model: what is trained (default: a Transformer of
+    model_cfg); frozen: models the loss reads but never trains; batch_kind: lm/data/batch.py."""
     tc = config.train
     mesh = shd.make_mesh(config.mesh)
     _validate(tc, mesh)
     nan_steps = parse_steps(tc.inject.nan_steps)
     optimizer, schedule = make_optimizer(config.optimizer, tc.steps)
-    setup = train.plan_state(model_cfg, optimizer, mesh, config.mesh.rules, config.seed)
+    model = make_model or model_cfg
+    frozen = frozen or {}
+    setup = train.plan_state(model, optimizer, mesh, config.mesh.rules, config.seed,
+                             frozen={name: f.make_model for name, f in frozen.items()})
     n_params = param_count(setup.abstract_state.params)
-    _log(f"model: {n_params:,} parameters; mesh {dict(mesh.shape)}")
+    _log(f"model: {n_params:,} parameters; mesh {dict(mesh.shape)}"
+         + "".join(f"; frozen {name}: {param_count(p):,}" for name, p in setup.abstract_frozen.items()))
     # compiled on abstract inputs before any array exists: a step that cannot fit fails here,
     # with the per-device bytes of parameters, optimizer state and temporaries
     step_fn = memory.compile_and_check(
         train.jit_train_step(train.make_train_step(make_loss_fn(setup.graphdef), optimizer, schedule,
-                                                   tc.micro_batches), setup), setup, config, log=_log)
-    state = train.init_state(model_cfg, optimizer, setup, config.seed)
+                                                   tc.micro_batches), setup), setup, config, log=_log,
+        batch_kind=batch_kind)
+    state = train.init_state(model, optimizer, setup, config.seed)
+    frozen_args = train.frozen_args(setup, load_frozen(setup, frozen, config.seed))
 
     checkpointer = ckpt.Checkpointer(workdir, keep=tc.keep_checkpoints, async_save=tc.async_checkpointing,
                                      config=config, save_delay_s=tc.inject.save_delay_s)
@@ -186,7 +225,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, model_cfg: ModelConf
 
         def run_eval(step: int) -> dict[str, float]:
             batches = (train.global_batch(b, mesh) for b in valid_batches())
-            result = train.evaluate(eval_fn, state.params, batches)
+            result = train.evaluate(eval_fn, state.params, batches, *frozen_args)
             writer.write(step, {f"valid/{k}": v for k, v in result.items()})
             return result
 
@@ -206,7 +245,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, model_cfg: ModelConf
             local = next(train_iter)
             if step + 1 in nan_steps:
                 local = poison(local)
-            state, metrics = step_fn(state, train.global_batch(local, mesh))
+            state, metrics = step_fn(state, train.global_batch(local, mesh), *frozen_args)
             done = step + 1
             bad.push(done, metrics)
             if done % tc.log_every == 0 or done == tc.steps:

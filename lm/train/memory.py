@@ -3,7 +3,7 @@
 Before the first step the trainer compiles the step on abstract inputs (no array exists yet)
 and reports, per device:
 
-    parameters       the state's params as laid out by the sharding rules
+    parameters       the state's params (and any frozen models') as laid out by the sharding rules
     optimizer state  likewise (Adam: two more copies of the params)
     temporaries      activations, gradients, gathered weights, collectives' buffers:
                      XLA's buffer assignment for the compiled step (memory_analysis)
@@ -32,13 +32,11 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
+from lm.data import batch as contract
 from lm.parallel import sharding as shd
 
 GiB = 2**30
-BATCH_DTYPES = {"inputs": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.float32,
-                "segment_ids": jnp.int32, "positions": jnp.int32}
 
 
 class DoesNotFit(MemoryError):
@@ -92,10 +90,11 @@ def device_capacity(configured_gib: float = 0.0, device: Any = None) -> int | No
     return int(stats["bytes_limit"]) if stats and stats.get("bytes_limit") else None
 
 
-def abstract_batch(mesh: jax.sharding.Mesh, batch_size: int, seq_len: int) -> dict:
-    """ShapeDtypeStructs of a global [B, T] batch of the contract, split over (data, fsdp)."""
+def abstract_batch(mesh: jax.sharding.Mesh, batch_size: int, seq_len: int, kind: str = "tokens") -> dict:
+    """ShapeDtypeStructs of a global batch of `kind` (lm/data/batch.py), split over (data, fsdp)."""
     sharding = shd.batch_sharding(mesh)
-    return {k: jax.ShapeDtypeStruct((batch_size, seq_len), dt, sharding=sharding) for k, dt in BATCH_DTYPES.items()}
+    return contract.spec(kind, batch_size, seq_len,
+                         make=lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding))
 
 
 def abstract_state(setup: Any) -> Any:
@@ -104,10 +103,13 @@ def abstract_state(setup: Any) -> Any:
                         setup.abstract_state, setup.state_shardings)
 
 
-def compile_step(jitted_step: Any, setup: Any, batch_size: int, seq_len: int) -> Any:
+def compile_step(jitted_step: Any, setup: Any, batch_size: int, seq_len: int, batch_kind: str = "tokens") -> Any:
     """`jitted_step.lower(...).compile()` on abstract inputs: nothing is allocated or run.
     The result is callable like the jitted step (same shardings, state donated)."""
-    return jitted_step.lower(abstract_state(setup), abstract_batch(setup.mesh, batch_size, seq_len)).compile()
+    frozen = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          setup.abstract_frozen, setup.frozen_shardings)
+    return jitted_step.lower(abstract_state(setup), abstract_batch(setup.mesh, batch_size, seq_len, batch_kind),
+                             *((frozen,) if setup.frozen_graphdefs else ())).compile()
 
 
 def analyze(compiled: Any, setup: Any, capacity: int | None, fraction: float = 0.9) -> MemoryReport:
@@ -115,7 +117,8 @@ def analyze(compiled: Any, setup: Any, capacity: int | None, fraction: float = 0
     stats = compiled.memory_analysis()
     sh = setup.state_shardings
     return MemoryReport(
-        params=shd.per_device_bytes(setup.abstract_state.params, sh.params),
+        params=shd.per_device_bytes((setup.abstract_state.params, setup.abstract_frozen),
+                                    (sh.params, setup.frozen_shardings)),
         opt_state=shd.per_device_bytes(setup.abstract_state.opt_state, sh.opt_state),
         arguments=int(stats.argument_size_in_bytes), outputs=int(stats.output_size_in_bytes),
         aliased=int(stats.alias_size_in_bytes), temporaries=int(stats.temp_size_in_bytes),
@@ -141,11 +144,12 @@ def check(report: MemoryReport, mesh: jax.sharding.Mesh, micro_batches: int = 1)
         "(config.mesh.device_memory_gib / memory_fraction set the budget.)")
 
 
-def compile_and_check(jitted_step: Any, setup: Any, config: Any, log: Callable[[str], None] = print) -> Any:
+def compile_and_check(jitted_step: Any, setup: Any, config: Any, log: Callable[[str], None] = print,
+                      batch_kind: str = "tokens") -> Any:
     """Compile the step on abstract inputs, log the per-device report, raise DoesNotFit if it
     cannot fit; return the compiled step (call it instead of the jitted one: no second compile)."""
     tc, mc = config.train, config.mesh
-    compiled = compile_step(jitted_step, setup, tc.batch_size, tc.seq_len)
+    compiled = compile_step(jitted_step, setup, tc.batch_size, tc.seq_len, batch_kind)
     report = analyze(compiled, setup, device_capacity(mc.get("device_memory_gib", 0.0)),
                      mc.get("memory_fraction", 0.9))
     for line in report.lines():

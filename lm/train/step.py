@@ -1,10 +1,11 @@
-"""The generic trainer: train state, the jitted train and eval steps, and the loop.
+"""The train and eval steps: pure functions of the state, the frozen parameters and a batch.
 
-It knows no objective by name. An objective is a function
+The trainer knows no objective by name. An objective is a function
 
-    loss_fn(params, batch, rng) -> (objective_sum, sums)
+    loss_fn(params, batch, rng, frozen) -> (objective_sum, sums)
 
-where `objective_sum` is the differentiated scalar, a *sum* over the batch's scored
+(`frozen`: the frozen models' parameters by name, lm/train/state.py; `batch`: any pytree of
+[B, ...] arrays, lm/data/batch.py) where `objective_sum` is the differentiated scalar, a *sum* over the batch's scored
 tokens, and `sums` is a dict of scalar sums that must include `count` (the weight
 total) and may include `nll_sum`, `correct_sum`, `z_loss_sum`. The step adds
 (sum, count) over micro-batches and divides once, so k micro-batches give exactly
@@ -13,89 +14,18 @@ the gradient of the whole batch, whatever their mask counts.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 
 from lm.parallel import sharding as shd
 from lm.losses import mean_of
-from lm.model import ModelConfig, Transformer, activation_sharding
+from lm.train.state import Setup, TrainState
 
-LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
-
-
-class TrainState(NamedTuple):
-    """Everything a step changes. A plain pytree: jit, donate and checkpoint it as is."""
-
-    step: jax.Array  # [] int32, optimizer steps taken
-    params: Any  # nested dict of float32 arrays (nnx.to_pure_dict of the model's Params)
-    opt_state: Any  # optax state
-    rng: jax.Array  # [2] uint32 raw key data; split once per step
-    bad_steps: jax.Array  # [] int32, consecutive non-finite steps skipped so far
-
-
-@dataclasses.dataclass
-class Setup:
-    """What `create_state` builds besides the state: the pieces later steps need."""
-
-    graphdef: Any  # nnx GraphDef of the Transformer
-    mesh: jax.sharding.Mesh
-    state_shardings: TrainState
-    abstract_state: TrainState
-    rules: dict  # logical axis → mesh axis (config.mesh.rules), also used for activation hints
-
-    def with_activation_hints(self, fn: Callable) -> Callable:
-        """`fn` traced with this mesh's activation sharding hints (lm.model.constrain)."""
-        hint = shd.activation_constraint(self.mesh, self.rules)
-
-        def traced(*args):
-            with activation_sharding(hint):
-                return fn(*args)
-
-        return traced
-
-
-def _init_fn(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, seed: int):
-    def init() -> TrainState:
-        _, params = nnx.split(Transformer(model_cfg, rngs=nnx.Rngs(seed)))
-        params = nnx.to_pure_dict(params)
-        rng = jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1))
-        return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), rng,
-                          jnp.zeros((), jnp.int32))
-
-    return init
-
-
-def plan_state(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh, rules,
-               seed: int = 0) -> Setup:
-    """Shapes and shardings of the train state, without allocating it (works for any size)."""
-    abstract_model = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(seed)))
-    graphdef, abstract_params = nnx.split(abstract_model)
-    axes = shd.logical_axes_tree(abstract_params)
-    abstract_state = jax.eval_shape(_init_fn(model_cfg, optimizer, seed))
-    param_sh = shd.param_shardings(axes, abstract_state.params, rules, mesh)
-    repl = shd.replicated(mesh)
-    opt_sh = optax.tree_map_params(optimizer, lambda _, s: s, abstract_state.opt_state, param_sh,
-                                   transform_non_params=lambda _: repl)
-    return Setup(graphdef, mesh, TrainState(repl, param_sh, opt_sh, repl, repl), abstract_state, dict(rules))
-
-
-def create_state(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh, rules,
-                 seed: int) -> tuple[TrainState, Setup]:
-    """Initialize the train state directly in its sharded layout (no full copy on one device)."""
-    setup = plan_state(model_cfg, optimizer, mesh, rules, seed)
-    return init_state(model_cfg, optimizer, setup, seed), setup
-
-
-def init_state(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, setup: Setup,
-               seed: int) -> TrainState:
-    """The initial state of `setup` (from `plan_state`), created directly in its sharded layout."""
-    return jax.jit(_init_fn(model_cfg, optimizer, seed), out_shardings=setup.state_shardings)()
+LossFn = Callable[[Any, dict, jax.Array, dict], tuple[jax.Array, dict]]
 
 
 def split_micro_batches(batch: dict, k: int) -> dict:
@@ -110,15 +40,17 @@ def split_micro_batches(batch: dict, k: int) -> dict:
 
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-                    micro_batches: int = 1) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """train_step(state, batch) -> (state, metrics): pure; jit it with `jit_train_step`.
+                    micro_batches: int = 1) -> Callable[..., tuple[TrainState, dict]]:
+    """train_step(state, batch, frozen=None) -> (state, metrics): pure; jit it with `jit_train_step`.
+    `frozen` (the frozen models' parameters by name) reaches the loss and gets no gradient.
 
     A step whose loss or gradient norm is not finite leaves params and optimizer state as
     they were, counts itself in `bad_steps` and reports `skipped = 1`.
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    def train_step(state: TrainState, batch: dict, frozen: dict | None = None) -> tuple[TrainState, dict]:
+        frozen = {} if frozen is None else jax.lax.stop_gradient(frozen)
         key = jax.random.wrap_key_data(state.rng)
         key, step_key = jax.random.split(key)
         micro = split_micro_batches(batch, micro_batches) if micro_batches > 1 else None
@@ -126,16 +58,17 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, sc
         def accumulate(carry, xs):
             grads, sums = carry
             mb, i = xs
-            (obj, mb_sums), g = grad_fn(state.params, mb, jax.random.fold_in(step_key, i))
+            (obj, mb_sums), g = grad_fn(state.params, mb, jax.random.fold_in(step_key, i), frozen)
             mb_sums = dict(mb_sums, objective_sum=obj)
             return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, mb_sums)), None
 
         if micro_batches == 1:  # no accumulator to zero-fill and add into
-            (obj, sums), grad_sum = grad_fn(state.params, batch, jax.random.fold_in(step_key, 0))
+            (obj, sums), grad_sum = grad_fn(state.params, batch, jax.random.fold_in(step_key, 0), frozen)
             sums = dict(sums, objective_sum=obj)
         else:
             zero_grads = jax.tree.map(jnp.zeros_like, state.params)
-            sums_shape = jax.eval_shape(lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], micro), step_key))
+            sums_shape = jax.eval_shape(lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], micro), step_key,
+                                                         frozen))
             zero_sums = dict(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape[0][1]),
                              objective_sum=jnp.zeros((), jnp.float32))
             (grad_sum, sums), _ = jax.lax.scan(accumulate, (zero_grads, zero_sums),
@@ -190,28 +123,43 @@ def summary_metrics(sums: dict) -> dict:
     return out
 
 
+def frozen_args(setup: Setup, frozen: dict | None) -> tuple:
+    """The trailing arguments of a jitted step: (frozen,) when the setup has frozen models, else ()."""
+    if not setup.frozen_graphdefs:
+        return ()
+    if frozen is None or set(frozen) != set(setup.frozen_graphdefs):
+        raise ValueError(f"the step needs the frozen models {sorted(setup.frozen_graphdefs)}, got "
+                         f"{None if frozen is None else sorted(frozen)}")
+    return (frozen,)
+
+
 def jit_train_step(train_step, setup: Setup):
-    """Jit with the state's shardings in and out, batch split over (data, fsdp), state donated."""
+    """Jit with the state's shardings in and out, batch split over (data, fsdp), state donated.
+    Called as step(state, batch, *frozen_args(setup, frozen)): the frozen parameters are an
+    argument (sharded by their logical axes, never donated) only when the setup has frozen models."""
     batch_sh = shd.batch_sharding(setup.mesh)
-    return jax.jit(setup.with_activation_hints(train_step), in_shardings=(setup.state_shardings, batch_sh),
+    in_sh = (setup.state_shardings, batch_sh) + ((setup.frozen_shardings,) if setup.frozen_graphdefs else ())
+    return jax.jit(setup.with_activation_hints(train_step), in_shardings=in_sh,
                    out_shardings=(setup.state_shardings, shd.replicated(setup.mesh)), donate_argnums=0)
 
 
 def make_eval_step(loss_fn: LossFn, setup: Setup):
-    """eval_step(params, batch) -> sums (jitted); add the sums over batches, then `summary_metrics`."""
-    def eval_step(params, batch):
-        obj, sums = loss_fn(params, batch, jax.random.key(0))
+    """eval_step(params, batch, *frozen_args) -> sums (jitted); add the sums over batches, then divide
+    once (`summary_metrics`, `evaluate`)."""
+    def eval_step(params, batch, frozen=None):
+        obj, sums = loss_fn(params, batch, jax.random.key(0), {} if frozen is None else frozen)
         return dict(sums, objective_sum=obj)
 
-    return jax.jit(setup.with_activation_hints(eval_step), in_shardings=(setup.state_shardings.params, shd.batch_sharding(setup.mesh)),
-                   out_shardings=shd.replicated(setup.mesh))
+    in_sh = ((setup.state_shardings.params, shd.batch_sharding(setup.mesh))
+             + ((setup.frozen_shardings,) if setup.frozen_graphdefs else ()))
+    return jax.jit(setup.with_activation_hints(eval_step), in_shardings=in_sh, out_shardings=shd.replicated(setup.mesh))
 
 
-def evaluate(eval_step, params, batches) -> dict[str, float]:
+def evaluate(eval_step, params, batches, *frozen) -> dict[str, float]:
     """Run `eval_step` over an iterable of global batches; sums added, then means taken once."""
     total = None
     for batch in batches:
-        sums = eval_step(params, batch)
+        sums = eval_step(params, batch, *frozen)
         total = sums if total is None else jax.tree.map(jnp.add, total, sums)
     if total is None:
         raise ValueError("evaluation got no batches")
@@ -222,8 +170,9 @@ def evaluate(eval_step, params, batches) -> dict[str, float]:
 
 
 def global_batch(local_batch: dict, mesh) -> dict:
-    """This process's rows (numpy [B_local, T]) → global jax.Arrays [B, T] sharded over (data, fsdp)."""
+    """This process's rows (a batch pytree of numpy [B_local, ...], lm/data/batch.py) → global
+    jax.Arrays [B, ...] sharded over (data, fsdp)."""
     sharding = shd.batch_sharding(mesh)
     n = shd.batch_shard(mesh)[1]  # processes that share rows (a tensor axis across hosts) count once
-    return {k: jax.make_array_from_process_local_data(sharding, v, (v.shape[0] * n, *v.shape[1:]))
-            for k, v in local_batch.items()}
+    return jax.tree.map(lambda v: jax.make_array_from_process_local_data(sharding, v, (v.shape[0] * n, *v.shape[1:])),
+                        local_batch)

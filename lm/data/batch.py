@@ -1,0 +1,67 @@
+"""The batch contract, defined once: its fields, dtypes and shapes (DESIGN.md).
+
+A **token batch** is a dict of [B, T] arrays:
+
+    inputs       int32    token ids the model reads
+    targets      int32    the token after each input (already shifted)
+    loss_mask    float32  weight of each target's loss; 0 = not scored
+    segment_ids  int32    one id per packed document; 0 = padding
+    positions    int32    position within the document, restarting at 0 in each
+
+A **preference batch** is a pair of token batches with the same [B, T]: row b of `chosen` and
+row b of `rejected` are two answers to the same prompt, the first preferred. Both are pytrees:
+micro-batching, sharding and the memory check map over their leaves, so a kind of batch is only
+its structure (`spec`). Data pipelines, the memory planner and `lm.train.global_batch` all read
+the fields from here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+FIELDS: dict[str, Any] = {"inputs": np.int32, "targets": np.int32, "loss_mask": np.float32,
+                          "segment_ids": np.int32, "positions": np.int32}
+KEYS = tuple(FIELDS)
+PAIR = ("chosen", "rejected")
+KINDS = ("tokens", "preference")
+
+
+def spec(kind: str, batch_size: int, seq_len: int, make=None) -> dict:
+    """The batch of `kind` as `make(shape, dtype)` leaves (default: numpy zeros of that shape).
+    `make=jax.ShapeDtypeStruct` (with a sharding bound) gives an abstract batch."""
+    make = make or (lambda shape, dtype: np.zeros(shape, dtype))
+    tokens = lambda: {key: make((batch_size, seq_len), dtype) for key, dtype in FIELDS.items()}  # noqa: E731
+    if kind == "tokens":
+        return tokens()
+    if kind == "preference":
+        return {side: tokens() for side in PAIR}
+    raise ValueError(f"batch kind must be one of {KINDS}, got {kind!r}")
+
+
+def check(batch: dict, kind: str, where: str = "batch") -> None:
+    """Raise ValueError naming the field, if `batch` does not follow the contract of `kind`."""
+    if kind == "preference":
+        if not isinstance(batch, dict) or set(batch) != set(PAIR):
+            raise ValueError(f"{where}: a preference batch has exactly the keys {PAIR}, got "
+                             f"{sorted(batch) if isinstance(batch, dict) else type(batch).__name__}")
+        for side in PAIR:
+            check(batch[side], "tokens", f"{where}[{side!r}]")
+        if batch["chosen"]["inputs"].shape != batch["rejected"]["inputs"].shape:
+            raise ValueError(f"{where}: chosen {batch['chosen']['inputs'].shape} and rejected "
+                             f"{batch['rejected']['inputs'].shape} must have the same [B, T]")
+        return
+    if kind != "tokens":
+        raise ValueError(f"batch kind must be one of {KINDS}, got {kind!r}")
+    missing, extra = set(FIELDS) - set(batch), set(batch) - set(FIELDS)
+    if missing or extra:
+        raise ValueError(f"{where}: missing fields {sorted(missing)}, unknown fields {sorted(extra)} "
+                         f"(the contract: {KEYS})")
+    shape = batch["inputs"].shape
+    for key, dtype in FIELDS.items():
+        value = batch[key]
+        if value.shape != shape or len(shape) != 2:
+            raise ValueError(f"{where}[{key!r}] has shape {value.shape}; every field is [B, T] = {shape}")
+        if np.dtype(value.dtype) != np.dtype(dtype):
+            raise ValueError(f"{where}[{key!r}] has dtype {value.dtype}, the contract says {np.dtype(dtype).name}")
