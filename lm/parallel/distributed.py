@@ -211,7 +211,7 @@ class Watchdog:
         self.exiting = True  # before `stopped`: a thread woken by `stopped` must see it
         self.stopped.set()
         sys.stdout.flush()
-        sys.stderr.write(f"\nlm.distributed: process {self.me} of {self.n}: {what}; exiting with status "
+        sys.stderr.write(f"\nlm.parallel.distributed: process {self.me} of {self.n}: {what}; exiting with status "
                          f"{EXIT_PEER_LOST} instead of waiting. See that process's log for the cause.\n")
         sys.stderr.flush()
         self.exit_fn(EXIT_PEER_LOST)  # the main thread may be blocked in a collective: do not wait for it
@@ -252,7 +252,7 @@ def _supervise() -> None:
     if sig == signal.SIGABRT:
         me, n = _state.get("process_id"), _state.get("num_processes")
         who = f"process {me} of {n}" if me is not None else "this process"
-        sys.stderr.write(f"\nlm.distributed: {who}: the JAX runtime aborted it: "
+        sys.stderr.write(f"\nlm.parallel.distributed: {who}: the JAX runtime aborted it: "
                          f"{_coordinator_status()}; exiting with status {EXIT_PEER_LOST}. The lines above "
                          "are the runtime's; see the other processes' logs for the cause.\n")
         sys.stderr.flush()
