@@ -9,10 +9,15 @@ gradient, never NaN. All math runs in float32 whatever the input dtype.
     sums.py           mean_of: the (sum, count) convention
     cross_entropy.py  next-token cross-entropy (explicit logits, or fused with the output projection)
     divergences.py    entropy, soft cross-entropy, KL, summed sequence log-probabilities
+    policy.py         RL losses: PPO/GRPO clipped surrogate with a KL penalty, clipped value loss
+    advantages.py     GRPO group advantages, GAE, masked whitening (batch statistics, no loss)
 """
+from lm.losses.advantages import gae, group_advantages, whiten
 from lm.losses.cross_entropy import LossOutput, cross_entropy, fused_cross_entropy
 from lm.losses.divergences import TokenStats, entropy, kl_divergence, sequence_logprobs, soft_cross_entropy
+from lm.losses.policy import PolicyLossOutput, ValueLossOutput, policy_loss, value_loss
 from lm.losses.sums import mean_of
 
-__all__ = ["LossOutput", "TokenStats", "cross_entropy", "entropy", "fused_cross_entropy", "kl_divergence",
-           "mean_of", "sequence_logprobs", "soft_cross_entropy"]
+__all__ = ["LossOutput", "PolicyLossOutput", "TokenStats", "ValueLossOutput", "cross_entropy", "entropy",
+           "fused_cross_entropy", "gae", "group_advantages", "kl_divergence", "mean_of", "policy_loss",
+           "sequence_logprobs", "soft_cross_entropy", "value_loss", "whiten"]
