@@ -99,8 +99,9 @@ def rollout(seed, B=6, T=9):
 
 
 def run_policy(r, adv, **kw):
+    """The loss on rollout ``r`` and the gradient of its mean with respect to the log-probs."""
     def mean(lp):
-        out = policy_loss(lp, r["old"], adv, r["mask"], ref_logprobs=kw.pop("ref", r["ref"]), **kw)
+        out = policy_loss(lp, r["old"], adv, r["mask"], ref_logprobs=r["ref"], **kw)
         return out.mean, out
     (_, out), grad = jax.value_and_grad(mean, has_aux=True)(jnp.asarray(r["logp"], jnp.float32))
     return out, grad
@@ -401,6 +402,22 @@ def test_split_batches_add_up_to_the_whole_batch(normalize):
         np.testing.assert_allclose(mean_of(total, count), whole_mean, rtol=1e-6)
         np.testing.assert_allclose(jnp.concatenate(grads) * mean_of(1.0, count), whole_grad,
                                    rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("normalize", NORMALIZE)
+def test_only_logprobs_and_values_get_a_gradient(normalize):
+    r = {k: jnp.asarray(np.nan_to_num(v), jnp.float32) for k, v in rollout(15).items()}
+    grads = jax.grad(lambda *a: policy_loss(*a[:4], ref_logprobs=a[4], kl_coef=0.2, kl_estimator="k3",
+                                            normalize=normalize).mean, argnums=(0, 1, 2, 3, 4))(
+        r["logp"], r["old"], r["adv_tok"], r["mask"], r["ref"])
+    assert np.abs(np.asarray(grads[0])).sum() > 0
+    for g in grads[1:]:
+        np.testing.assert_array_equal(g, 0.0)
+    grads = jax.grad(lambda *a: value_loss(*a, normalize=normalize).mean, argnums=(0, 1, 2, 3))(
+        r["logp"], r["old"], r["ref"], r["mask"])
+    assert np.abs(np.asarray(grads[0])).sum() > 0
+    for g in grads[1:]:
+        np.testing.assert_array_equal(g, 0.0)
 
 
 @pytest.mark.parametrize("normalize", NORMALIZE)

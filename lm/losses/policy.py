@@ -23,7 +23,6 @@ rows adds up to the whole batch's (sum, count), hence the same mean and gradient
 """
 from __future__ import annotations
 
-from numbers import Number
 from typing import NamedTuple
 
 import jax
@@ -83,11 +82,11 @@ def _constant(x, name, shape):
 
 
 def _is_zero(x):
-    return isinstance(x, Number) and x == 0
+    return isinstance(x, (int, float)) and x == 0
 
 
 def _check_eps(name, value):
-    if isinstance(value, Number) and not value >= 0:
+    if isinstance(value, (int, float)) and not value >= 0:
         raise ValueError(f"{name} must be >= 0, got {value!r}")
 
 
