@@ -119,7 +119,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     w.project = "lm"  # wandb project
     w.name = ml_collections.FieldReference(None, field_type=str)  # run name; None: the workdir's name
 
-    # -- samples printed at the end of a run ---------------------------------------------------------
+    # -- evaluations after training (lm/evals/) ----------------------------------------------------
+    ev = c.eval = ml_collections.ConfigDict()
+    ev.evaluators = "samples"  # comma-separated: 'samples', 'exact_match' (lm/evals/__init__.py); '' for none
+    em = ev.exact_match = ml_collections.ConfigDict()  # lm/evals/exact_match.py (synthetic chat sources)
+    em.examples = 500  # held-out conversations whose final answer is decoded greedily
+    em.batch_size = 250  # prompts decoded together
+    em.max_answer_tokens = 12  # longest answer accepted (tokens before <|end_of_turn|>)
+    em.continue_tokens = 16  # tokens generated past the answer's <|end_of_turn|> (writes a user turn?)
+    em.print_examples = 3  # example conversations printed
+
+    # -- samples printed at the end of a run (the 'samples' evaluator) ---------------------------------------------------------
     s = c.sample = ml_collections.ConfigDict()
     s.num_samples = 3  # how many; 0 turns sampling off
     s.max_new_tokens = 96  # tokens generated per sample

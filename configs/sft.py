@@ -9,8 +9,8 @@ The main task (lm/data/synthetic.py: WordChat): conversations of 1..max_turns ex
 a user asking for a transformation of a random word of 3..5 distinct lowercase letters
 (reverse it, write it in capitals, spell it with dashes; 9 phrasings per task, sometimes a
 system prompt) and the assistant answering exactly. Every word of the valid split is held
-out of training, so every held-out prompt is new. After training, lm/objectives/sft.py:
-after_training decodes the final answer of `sft.eval_examples` valid conversations greedily
+out of training, so every held-out prompt is new. After training,
+the exact_match evaluator decodes the final answer of `eval.exact_match.examples` valid conversations greedily
 and reports the exact-match accuracy (summary.json: exact_match). Harder variants, measured
 in experiments/sft_masking.md: held-out phrasings too
 (--config.data.word_chat.num_heldout_templates=2), and the arithmetic task (:arithmetic),
@@ -70,15 +70,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optimizer.warmup_steps = 100  # linear warmup
     c.optimizer.weight_decay = 0.1  # AdamW decay
 
-    c.sample.num_samples = 0  # after_training prints example conversations instead
-
-    # -- evaluation after training (lm/objectives/sft.py: after_training) --------------------------
-    e = c.sft = ml_collections.ConfigDict()
-    e.eval_examples = 500  # held-out conversations whose final answer is decoded greedily
-    e.eval_batch_size = 250  # prompts decoded together
-    e.max_answer_tokens = 12  # longest answer accepted (tokens before <|end_of_turn|>)
-    e.continue_tokens = 16  # tokens generated past the answer's <|end_of_turn|> (writes a user turn?)
-    e.print_examples = 3  # example conversations printed
+    c.eval.evaluators = "exact_match"  # held-out exact match, with example conversations (lm/evals/exact_match.py)
+    e = c.eval.exact_match  # its knobs: configs/base.py
 
     if arg == "arithmetic":
         c.data.source = "arithmetic_chat"
@@ -97,8 +90,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.train.progress_bar = False
         c.optimizer.warmup_steps = 2
         c.data.num_valid_batches = 1
-        e.eval_examples = 8
-        e.eval_batch_size = 8
+        e.examples = 8
+        e.batch_size = 8
         e.continue_tokens = 4
         e.print_examples = 2
     return c

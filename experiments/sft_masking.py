@@ -9,7 +9,7 @@ data order, steps and batch; only `data.chat_loss` differs:
   assistant_only  the loss scores the assistant's answers and their <|end_of_turn|> (SFT)
   all             every token is scored: system prompts, user questions, role markers too
 
-Measured after training (lm/objectives/sft.py: after_training) on held-out conversations:
+Measured after training (lm/evals/exact_match.py) on held-out conversations:
 exact match of the greedy final answer, and, letting the model continue past the answer's
 <|end_of_turn|> for 16 tokens, how often it writes a <|user|> turn itself. Under 'all' the
 model is trained to predict the <|user|> marker that follows an answer inside a multi-turn

@@ -21,6 +21,7 @@ from configs.data import data_config
 from lm.data import chat, errors, synthetic
 from lm.masking import ROLE_ASSISTANT, ROLE_PAD, ROLE_SYSTEM, ROLE_USER
 from lm.model import ModelConfig, Transformer
+from lm.evals import exact_match
 from lm.objectives import pretrain, sft
 
 TOK = D.ByteTokenizer()
@@ -303,8 +304,8 @@ def test_main_trains_then_reports_exact_match(tmp_path):
 
 
 def test_split_reply():
-    assert sft.split_reply([1, 2, EOT, USER, 5], EOT) == ([1, 2], True, [USER, 5])
-    assert sft.split_reply([1, 2], EOT) == ([1, 2], False, [])
+    assert exact_match.split_reply([1, 2, EOT, USER, 5], EOT) == ([1, 2], True, [USER, 5])
+    assert exact_match.split_reply([1, 2], EOT) == ([1, 2], False, [])
 
 
 # -- the word task ----------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ def build_model_config(config: ml_collections.ConfigDict, vocab_size: int):
 def train_and_report(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Train `config` in `workdir`; write summary.json and loss.png; print samples. Returns the summary."""
     from lm.io import checkpoint as ckpt
-    from lm import data, objectives
+    from lm import data, evals, objectives
     from lm.train import loop
     from lm.parallel import sharding
     from lm.io import report
@@ -73,15 +73,15 @@ def train_and_report(config: ml_collections.ConfigDict, workdir: str) -> dict:
                       batch_kind=objectives.batch_kind(objective))
     info = data.source_info(config.data, seq_len=tc.seq_len)
     summary = report.summarize(config, model_cfg, result, info)
-    if hasattr(objective, "after_training"):
-        summary.update(objective.after_training(config, result, tokenizer, workdir))
+    ctx = evals.EvalContext(config=config, workdir=workdir, tokenizer=tokenizer, graphdef=result.setup.graphdef,
+                            params=result.state.params, valid_batches=valid_batches, frozen=result.frozen,
+                            setup=result.setup)
+    summary.update(evals.run(config.eval.evaluators, ctx))
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
         report.plot_loss(workdir, summary.get("bayes_optimal_ce"))
         report.print_summary(summary)
-        if config.sample.num_samples:
-            report.print_samples(config, result, tokenizer, valid_batches)
     return summary
 
 

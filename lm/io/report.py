@@ -1,8 +1,10 @@
-"""The end of a run: summary.json, the loss-curve PNG, a printed verdict and a few samples."""
+"""The end of a run: summary.json, the loss-curve PNG and a printed verdict (samples and other
+evaluations: lm/evals/)."""
 
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -33,6 +35,10 @@ def summarize(config: Any, model_cfg: Any, result: Any, source_info: dict) -> di
         speeds = [r["tokens_per_s"] for r in train_rows[1:]] or [last["tokens_per_s"]]
         summary["tokens_per_s"] = float(np.median(speeds))
         summary["mfu"] = float(np.median([r["mfu"] for r in train_rows[1:]] or [last["mfu"]]))
+        summary["scored_tokens_per_step"] = float(np.mean([r["tokens"] for r in train_rows if "tokens" in r]))
+    times = process_seconds()
+    if times is not None:
+        summary["wall_seconds"], summary["cpu_seconds"] = times
     if "bayes_optimal_ce" in source_info:
         bound = float(source_info["bayes_optimal_ce"])
         summary["bayes_optimal_ce"] = bound
@@ -81,21 +87,13 @@ def plot_loss(workdir: str, bound: float | None) -> str:
     return path
 
 
-def print_samples(config: Any, result: Any, tokenizer: Any, valid_batches) -> None:
-    """Print `config.sample.num_samples` continuations (greedy by default) of prompts taken
-    from validation data (or `config.sample.prompt`)."""
-    from lm import sampling
+def process_seconds() -> tuple[float, float] | None:
+    """(wall seconds since this process started, CPU seconds it used: user + system, all threads)."""
+    try:
+        import psutil
 
-    sc = config.sample
-    if sc.prompt:
-        prompts = [tokenizer.encode(sc.prompt)] * sc.num_samples
-    else:
-        batch = next(iter(valid_batches()))
-        prompts = [row[:16].tolist() for row in batch["inputs"][: sc.num_samples]]
-    settings = sampling.SamplingConfig(temperature=sc.temperature, top_k=sc.top_k, top_p=sc.top_p,
-                                       max_new_tokens=sc.max_new_tokens)
-    params = result.state.params
-    outs = sampling.generate(result.setup.graphdef, params, prompts, settings, seed=config.seed)
-    print(f"samples ({'greedy' if sc.temperature == 0 else f'temperature {sc.temperature}'}):")
-    for prompt, out in zip(prompts, outs):
-        print(f"  {tokenizer.decode(prompt)!r} → {tokenizer.decode(out)!r}")
+        process = psutil.Process(os.getpid())
+        cpu = process.cpu_times()
+        return time.time() - process.create_time(), cpu.user + cpu.system
+    except Exception:  # noqa: BLE001 -- informative only
+        return None

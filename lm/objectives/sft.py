@@ -14,24 +14,18 @@ Starting point: from scratch, or the params of a pretraining run (config.train.r
 params only); `check_init_checkpoint` refuses a checkpoint whose tokenizer (kind,
 vocabulary, special-token ids) differs from the one configured here.
 
-After training, `after_training` decodes greedily on held-out prompts of the built-in
-synthetic chat tasks (lm/data/synthetic.py: WordChat, ArithmeticChat) and reports the
-exact-match accuracy of the answers, and how often the model, let run past its
-<|end_of_turn|>, writes a user turn itself.
+After training, the `exact_match` evaluator (lm/evals/exact_match.py) decodes greedily on
+held-out prompts of the built-in synthetic chat tasks and reports the exact-match accuracy of
+the answers, and how often the model, let run past its <|end_of_turn|>, writes a user turn.
 """
 
 from __future__ import annotations
 
 import os
-import time
 from typing import Any
 
-import jax
-import numpy as np
-
+from lm.data.build import CHAT_SOURCES
 from lm.objectives import pretrain
-
-CHAT_SOURCES = ("arithmetic_chat", "word_chat", "chat_jsonl")
 
 
 # -- the loss ---------------------------------------------------------------------------------------
@@ -95,106 +89,3 @@ def check_init_checkpoint(config: Any, tokenizer: Any = None) -> None:
         raise data.TokenizerMismatchError(
             f"{e}\nSFT must start from a checkpoint trained with the same tokenizer and special-token ids "
             "(set data.tokenizer to the pretraining run's, or train.restore_from to a matching run)") from None
-
-
-# -- evaluation: exact match of greedy answers on held-out prompts ----------------------------------
-
-
-def split_reply(tokens: list[int], end_of_turn: int) -> tuple[list[int], bool, list[int]]:
-    """Generated tokens -> (answer tokens before the first end-of-turn, whether it came, the rest)."""
-    if end_of_turn in tokens:
-        i = tokens.index(end_of_turn)
-        return tokens[:i], True, tokens[i + 1:]
-    return tokens, False, []
-
-
-def evaluate_answers(graphdef: Any, params: Any, tokenizer: Any, examples: list[dict], *,
-                     max_answer_tokens: int, continue_tokens: int, batch_size: int, seed: int = 0) -> dict:
-    """Greedy replies to `examples` ({'messages': [... final assistant message], 'answer'}).
-
-    The prompt is the conversation without its final answer, ending with <|assistant|>. The
-    model generates max_answer_tokens + 1 + continue_tokens tokens without stopping: the
-    answer is what precedes the first <|end_of_turn|>, and the tokens after it show what the
-    model does when left to continue (does it write a <|user|> turn itself?).
-
-    Returns {'exact_match', 'stopped', 'writes_user_turn': fractions, 'n', 'replies': [...]}.
-    """
-    from lm import sampling
-    from lm.data import chat
-
-    eot, user = tokenizer.end_of_turn_id, tokenizer.role_ids["user"]
-    prompts = [chat.render_prompt(ex["messages"][:-1], tokenizer).tolist() for ex in examples]
-    settings = sampling.SamplingConfig(temperature=0.0, max_new_tokens=max_answer_tokens + 1 + continue_tokens)
-    outputs = []
-    for start in range(0, len(prompts), batch_size):
-        outputs += sampling.generate(graphdef, params, prompts[start:start + batch_size], settings, seed=seed)
-    replies, exact, stopped, writes_user = [], 0, 0, 0
-    for ex, prompt, out in zip(examples, prompts, outputs):
-        answer_ids, ended, rest = split_reply(out, eot)
-        ended = ended and len(answer_ids) <= max_answer_tokens
-        reply = tokenizer.decode(answer_ids, skip_special=False)
-        correct = ended and reply == ex["answer"]
-        exact += correct
-        stopped += ended
-        writes_user += ended and user in rest[:continue_tokens]
-        replies.append({"prompt": tokenizer.decode(prompt), "reply": reply, "answer": ex["answer"],
-                        "correct": bool(correct), "continuation": tokenizer.decode(rest)})
-    n = len(examples)
-    return {"exact_match": exact / n, "stopped": stopped / n, "writes_user_turn": writes_user / n, "n": n,
-            "replies": replies}
-
-
-def _process_seconds() -> tuple[float, float] | None:
-    """(wall seconds since this process started, CPU seconds it used: user + system, all threads)."""
-    try:
-        import psutil
-
-        process = psutil.Process(os.getpid())
-        cpu = process.cpu_times()
-        return time.time() - process.create_time(), cpu.user + cpu.system
-    except Exception:  # noqa: BLE001 -- informative only
-        return None
-
-
-def after_training(config: Any, result: Any, tokenizer: Any, workdir: str) -> dict:
-    """Exact match of greedily decoded answers on held-out prompts (synthetic chat sources); printed with
-    a few example conversations. Returns the entries added to summary.json."""
-    from lm import data
-
-    started = time.perf_counter()
-    valid = data.build_source(config.data, split="valid", seq_len=config.train.seq_len, seed=config.seed,
-                              tokenizer=tokenizer)
-    if not hasattr(valid, "example"):  # only synthetic chat sources know their answers
-        if jax.process_index() == 0:
-            print(f"sft: no exact-match evaluation for data.source={config.data.source!r} "
-                  "(answers are known only for the synthetic chat sources)")
-        return {}
-    ec = config.sft
-    examples = [valid.example(i) for i in range(ec.eval_examples)]
-    out = evaluate_answers(result.setup.graphdef, result.state.params, tokenizer, examples,
-                           max_answer_tokens=ec.max_answer_tokens, continue_tokens=ec.continue_tokens,
-                           batch_size=ec.eval_batch_size, seed=config.seed)
-    summary = {"exact_match": out["exact_match"], "exact_match_n": out["n"], "stopped_at_end_of_turn": out["stopped"],
-               "writes_user_turn": out["writes_user_turn"], "eval_seconds": time.perf_counter() - started}
-    scored = [r["tokens"] for r in result.history if "tokens" in r]
-    if scored:
-        summary["scored_tokens_per_step"] = float(np.mean(scored))
-    times = _process_seconds()
-    if times is not None:
-        summary["wall_seconds"], summary["cpu_seconds"] = times
-    if jax.process_index() == 0:
-        print(f"held-out exact match (greedy): {100 * out['exact_match']:.1f}% of {out['n']} conversations; "
-              f"ended the answer with <|end_of_turn|>: {100 * out['stopped']:.1f}%; "
-              f"left to continue, wrote a <|user|> turn: {100 * out['writes_user_turn']:.1f}%")
-        wrong = [r for r in out["replies"] if not r["correct"]]
-        for title, shown in (("examples", out["replies"][: ec.print_examples]),
-                             (f"failures ({len(wrong)}, the first {min(2, len(wrong))})", wrong[:2])):
-            if shown:
-                print(f"{title}:")
-            for r in shown:
-                print(f"  {r['prompt']}\n    → {r['reply']!r} (expected {r['answer']!r}: "
-                      f"{'correct' if r['correct'] else 'WRONG'}); then: {r['continuation']!r}")
-        if times is not None:
-            print(f"time so far: {times[0]:.0f} s wall, {times[1]:.0f} s CPU (evaluation: "
-                  f"{summary['eval_seconds']:.0f} s wall)")
-    return summary

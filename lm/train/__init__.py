@@ -11,8 +11,9 @@
 
 from lm.train.state import (FrozenModel, ModelFactory, Setup, TrainState, as_factory, create_state, init_frozen,
                             init_state, plan_state)
-from lm.train.step import (LossFn, evaluate, frozen_args, global_batch, jit_train_step, make_eval_step,
-                           make_train_step, split_micro_batches, summary_metrics)
+from lm.evals.loss import evaluate, summary_metrics
+from lm.train.step import (LossFn, frozen_args, global_batch, jit_train_step, make_eval_step, make_train_step,
+                           split_micro_batches)
 
 __all__ = ["FrozenModel", "LossFn", "ModelFactory", "Setup", "TrainState", "as_factory", "create_state",
            "evaluate", "frozen_args", "global_batch", "init_frozen", "init_state", "jit_train_step",

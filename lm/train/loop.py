@@ -39,6 +39,7 @@ from lm.train import preemption
 from lm.parallel import sharding as shd
 from lm import train
 from lm.model import ModelConfig, flops_per_token, param_count
+from lm.evals.loss import evaluate
 from lm.train.init import init_params
 from lm.train.init import load_frozen as load_frozen_params
 from lm.train.optim import make_optimizer
@@ -51,6 +52,7 @@ class RunResult:
     setup: train.Setup
     final_eval: dict[str, float]
     history: list[dict]  # the logged metrics of this process's run (not those before a resume)
+    frozen: dict = dataclasses.field(default_factory=dict)  # the frozen models' params by name
 
 
 def _log(msg: str) -> None:
@@ -225,7 +227,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, model_cfg: ModelConf
 
         def run_eval(step: int) -> dict[str, float]:
             batches = (train.global_batch(b, mesh) for b in valid_batches())
-            result = train.evaluate(eval_fn, state.params, batches, *frozen_args)
+            result = evaluate(eval_fn, state.params, batches, *frozen_args)
             writer.write(step, {f"valid/{k}": v for k, v in result.items()})
             return result
 
@@ -290,7 +292,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, model_cfg: ModelConf
         _close(checkpointer, writer, bar, raise_errors=finished)
     if bad.total:
         _log(f"{bad.total} steps were skipped for a non-finite loss or gradient norm (see the log above)")
-    return RunResult(state, setup, last_eval, history)
+    return RunResult(state, setup, last_eval, history, frozen_args[0] if frozen_args else {})
 
 
 def _close(checkpointer: ckpt.Checkpointer, writer, bar, *, raise_errors: bool) -> None:

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from lm.parallel import sharding as shd
+from lm.evals.loss import summary_metrics
 from lm.losses import mean_of
 from lm.train.state import Setup, TrainState
 
@@ -109,20 +110,6 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, sc
     return train_step
 
 
-def summary_metrics(sums: dict) -> dict:
-    """Means from sums: nll (→ perplexity), token accuracy, z-loss; each 0 when count is 0."""
-    count = sums["count"]
-    out = {}
-    if "nll_sum" in sums:
-        out["nll"] = mean_of(sums["nll_sum"], count)
-        out["perplexity"] = jnp.exp(out["nll"])
-    if "correct_sum" in sums:
-        out["accuracy"] = mean_of(sums["correct_sum"], count)
-    if "z_loss_sum" in sums:
-        out["z_loss"] = mean_of(sums["z_loss_sum"], count)
-    return out
-
-
 def frozen_args(setup: Setup, frozen: dict | None) -> tuple:
     """The trailing arguments of a jitted step: (frozen,) when the setup has frozen models, else ()."""
     if not setup.frozen_graphdefs:
@@ -153,20 +140,6 @@ def make_eval_step(loss_fn: LossFn, setup: Setup):
     in_sh = ((setup.state_shardings.params, shd.batch_sharding(setup.mesh))
              + ((setup.frozen_shardings,) if setup.frozen_graphdefs else ()))
     return jax.jit(setup.with_activation_hints(eval_step), in_shardings=in_sh, out_shardings=shd.replicated(setup.mesh))
-
-
-def evaluate(eval_step, params, batches, *frozen) -> dict[str, float]:
-    """Run `eval_step` over an iterable of global batches; sums added, then means taken once."""
-    total = None
-    for batch in batches:
-        sums = eval_step(params, batch, *frozen)
-        total = sums if total is None else jax.tree.map(jnp.add, total, sums)
-    if total is None:
-        raise ValueError("evaluation got no batches")
-    out = {k: float(v) for k, v in summary_metrics(total).items()}
-    out["loss"] = float(mean_of(total["objective_sum"], total["count"]))
-    out["tokens"] = float(total["count"])
-    return out
 
 
 def global_batch(local_batch: dict, mesh) -> dict:
