@@ -28,10 +28,14 @@ PAIR = ("chosen", "rejected")
 KINDS = ("tokens", "preference")
 
 
-def spec(kind: str, batch_size: int, seq_len: int, make=None) -> dict:
+def spec(kind, batch_size: int, seq_len: int, make=None) -> dict:
     """The batch of `kind` as `make(shape, dtype)` leaves (default: numpy zeros of that shape).
-    `make=jax.ShapeDtypeStruct` (with a sharding bound) gives an abstract batch."""
+    `make=jax.ShapeDtypeStruct` (with a sharding bound) gives an abstract batch. `kind` may also
+    be a function `(batch_size, seq_len, make) -> pytree` (an objective's own batch, e.g. a
+    rollout with its log-probabilities and advantages)."""
     make = make or (lambda shape, dtype: np.zeros(shape, dtype))
+    if callable(kind):
+        return kind(batch_size, seq_len, make)
     tokens = lambda: {key: make((batch_size, seq_len), dtype) for key, dtype in FIELDS.items()}  # noqa: E731
     if kind == "tokens":
         return tokens()

@@ -23,12 +23,10 @@ def summarize(config: Any, model_cfg: Any, result: Any, source_info: dict) -> di
         "steps": int(config.train.steps),
         "parameters": param_count(result.state.params),
         "flops_per_token": flops_per_token(model_cfg, config.train.seq_len)["total"],
-        "valid_ce": ev.get("nll", ev["loss"]),
-        "valid_loss": ev["loss"],
-        "valid_perplexity": ev.get("perplexity"),
-        "valid_accuracy": ev.get("accuracy"),
-        "valid_tokens": ev["tokens"],
     }
+    if ev:  # an objective without a validation loss (RL) has none
+        summary.update(valid_ce=ev.get("nll", ev["loss"]), valid_loss=ev["loss"], valid_perplexity=ev.get("perplexity"),
+                       valid_accuracy=ev.get("accuracy"), valid_tokens=ev["tokens"])
     if train_rows:
         last = train_rows[-1]
         summary["train_loss"] = last["loss"]
@@ -39,7 +37,7 @@ def summarize(config: Any, model_cfg: Any, result: Any, source_info: dict) -> di
     times = process_seconds()
     if times is not None:
         summary["wall_seconds"], summary["cpu_seconds"] = times
-    if "bayes_optimal_ce" in source_info:
+    if "bayes_optimal_ce" in source_info and ev.get("nll") is not None:
         bound = float(source_info["bayes_optimal_ce"])
         summary["bayes_optimal_ce"] = bound
         summary["kl_gap"] = summary["valid_ce"] - bound
@@ -48,8 +46,11 @@ def summarize(config: Any, model_cfg: Any, result: Any, source_info: dict) -> di
 
 
 def print_summary(summary: dict) -> None:
-    print(f"validation cross-entropy: {summary['valid_ce']:.4f} nats/token "
-          f"(perplexity {summary['valid_perplexity']:.3f}, accuracy {summary['valid_accuracy']:.3f})")
+    if summary.get("valid_perplexity") is not None:
+        print(f"validation cross-entropy: {summary['valid_ce']:.4f} nats/token "
+              f"(perplexity {summary['valid_perplexity']:.3f}, accuracy {summary['valid_accuracy']:.3f})")
+    elif "valid_loss" in summary:
+        print(f"validation loss: {summary['valid_loss']:.4f}")
     if "bayes_optimal_ce" in summary:
         print(f"Bayes-optimal cross-entropy: {summary['bayes_optimal_ce']:.4f} nats/token")
         print(f"difference (KL left to learn): {summary['kl_gap']:.4f} nats/token "

@@ -170,6 +170,12 @@ def initial_state(tc, checkpointer: ckpt.Checkpointer, setup: train.Setup, state
     return restored.tree, restored.step, int(restored.meta.get("skipped_steps", 0))
 
 
+PrepareBatch = Callable[..., tuple[Any, dict]]
+"""prepare_batch(params, global_batch, rng, *frozen_args) -> (the step's batch, metrics to log):
+runs between the data and the train step, with the parameters about to be updated (on-policy
+RL samples its rollouts here). Its metrics are logged with the step's."""
+
+
 def load_frozen(setup: train.Setup, sources: dict[str, FrozenModel], seed: int) -> dict:
     """The frozen models' parameters, in their sharded layout: from each one's checkpoint, or
     freshly initialized where it names none."""
@@ -186,10 +192,13 @@ def load_frozen(setup: train.Setup, sources: dict[str, FrozenModel], seed: int) 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, model_cfg: ModelConfig,
         make_loss_fn: Callable[[Any], train.LossFn], train_iter: Any,
-        valid_batches: Callable[[], Iterable[dict]], make_model: ModelFactory | None = None,
-        frozen: dict[str, FrozenModel] | None = None, batch_kind: str = "tokens") -> RunResult:
+        valid_batches: Callable[[], Iterable[dict]] | None, make_model: ModelFactory | None = None,
+        frozen: dict[str, FrozenModel] | None = None, batch_kind: Any = "tokens",
+        prepare_batch: PrepareBatch | None = None) -> RunResult:
     """Train `config` in `workdir`. make_model: what is trained (default: a Transformer of
-    model_cfg); frozen: models the loss reads but never trains; batch_kind: lm/data/batch.py."""
+    model_cfg); frozen: models the loss reads but never trains; batch_kind: what the train step
+    reads (lm/data/batch.py: spec); prepare_batch: turns each global batch from the data into
+    the step's batch with the current parameters (RL: rollouts), see `PrepareBatch`."""
     tc = config.train
     mesh = shd.make_mesh(config.mesh)
     _validate(tc, mesh)
@@ -210,6 +219,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, model_cfg: ModelConf
         batch_kind=batch_kind)
     state = train.init_state(model, optimizer, setup, config.seed)
     frozen_args = train.frozen_args(setup, load_frozen(setup, frozen, config.seed))
+    rollout_key = jax.random.fold_in(jax.random.key(config.seed), 2)
 
     checkpointer = ckpt.Checkpointer(workdir, keep=tc.keep_checkpoints, async_save=tc.async_checkpointing,
                                      config=config, save_delay_s=tc.inject.save_delay_s)
@@ -226,6 +236,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, model_cfg: ModelConf
         bad = BadSteps(tc.max_bad_steps, skipped)
 
         def run_eval(step: int) -> dict[str, float]:
+            if valid_batches is None:  # an objective without a validation loss (RL: it needs rollouts)
+                return {}
             batches = (train.global_batch(b, mesh) for b in valid_batches())
             result = evaluate(eval_fn, state.params, batches, *frozen_args)
             writer.write(step, {f"valid/{k}": v for k, v in result.items()})
@@ -247,7 +259,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, model_cfg: ModelConf
             local = next(train_iter)
             if step + 1 in nan_steps:
                 local = poison(local)
-            state, metrics = step_fn(state, train.global_batch(local, mesh), *frozen_args)
+            batch = train.global_batch(local, mesh)
+            if prepare_batch is not None:
+                batch, extra = prepare_batch(state.params, batch, jax.random.fold_in(rollout_key, step),
+                                             *frozen_args)
+            state, metrics = step_fn(state, batch, *frozen_args)
+            if prepare_batch is not None:
+                metrics = {**extra, **metrics}
             done = step + 1
             bad.push(done, metrics)
             if done % tc.log_every == 0 or done == tc.steps:
