@@ -91,6 +91,13 @@ class ModelConfig:
     scan_layers: bool = True  # apply the stacked blocks with lax.scan (compile time flat in depth);
     # False unrolls them: a longer compile, but no stacked activation buffers to fill and slice
     init_scale: float = 1.0  # multiplies every initial standard deviation
+    qkv_bias: bool = False  # biases on the q, k and v projections (Qwen2): params bq [H, hd], bk, bv [K, hd]
+    rope_scaling: str = "none"  # rotary frequencies: 'none' (theta^(-2i/d)) or 'llama3' (Llama 3.1's
+    # rescaling of the low frequencies, see `rope_frequencies`; uses the four rope_* fields below)
+    rope_factor: float = 8.0  # llama3: the long wavelengths' frequencies are divided by this
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original_max_position / this are scaled fully
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original_max_position / this are kept
+    rope_original_max_position: int = 8192  # llama3: the context length the frequencies were trained for
 
     def __post_init__(self):
         problems = []
@@ -111,6 +118,15 @@ class ModelConfig:
             problems.append(f"model.attention_block must be >= 0 (0: off), got {self.attention_block}")
         if self.decode_block is None or self.decode_block < 0:
             problems.append(f"model.decode_block must be >= 0 (0: off), got {self.decode_block}")
+        if self.rope_scaling not in ("none", "llama3"):
+            problems.append(f"model.rope_scaling must be 'none' or 'llama3', got {self.rope_scaling!r}")
+        elif self.rope_scaling == "llama3" and not (
+                self.rope_factor > 0 and 0 < self.rope_low_freq_factor < self.rope_high_freq_factor
+                and self.rope_original_max_position > 0):
+            problems.append("model.rope_scaling='llama3' needs rope_factor > 0, 0 < rope_low_freq_factor < "
+                            f"rope_high_freq_factor and rope_original_max_position > 0, got {self.rope_factor}, "
+                            f"{self.rope_low_freq_factor}, {self.rope_high_freq_factor}, "
+                            f"{self.rope_original_max_position}")
         if self.dtype not in _DTYPES:
             problems.append(f"model.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if problems:
@@ -143,8 +159,29 @@ class RMSNorm(nnx.Module):
         return (y * self.scale[...]).astype(x.dtype)
 
 
-def rotary(x: Array, positions: Array, theta: float) -> Array:
-    """Rotate pairs (x_i, x_{i+d/2}) of `x [B, T, H, d]` by angle positions · theta^(−2i/d).
+def rope_frequencies(cfg: ModelConfig) -> Array:
+    """The rotary angular frequencies inv_freq [d/2] (float32), d = the head dim.
+
+    'none': inv_freq_i = theta^(−2i/d). 'llama3' (Llama 3.1): with the wavelength λ_i = 2π/inv_freq_i,
+    L = rope_original_max_position, f = rope_factor, l = rope_low_freq_factor, h = rope_high_freq_factor:
+    λ > L/l (long waves): inv_freq / f; λ < L/h (short waves): unchanged; in between, interpolated
+    with s = (L/λ − l)/(h − l): (1 − s)·inv_freq/f + s·inv_freq.
+    """
+    half = cfg.head_dim_ // 2
+    inv_freq = cfg.rope_theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    if cfg.rope_scaling == "none":
+        return inv_freq
+    old_len, f = cfg.rope_original_max_position, cfg.rope_factor
+    low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_len / wavelen - low) / (high - low)
+    medium = (1 - smooth) * inv_freq / f + smooth * inv_freq
+    return jnp.where(wavelen > old_len / low, inv_freq / f, jnp.where(wavelen < old_len / high, inv_freq, medium))
+
+
+def rotary(x: Array, positions: Array, theta: float, inv_freq: Array | None = None) -> Array:
+    """Rotate pairs (x_i, x_{i+d/2}) of `x [B, T, H, d]` by angle positions · inv_freq_i, where
+    inv_freq_i = theta^(−2i/d) unless `inv_freq [d/2]` is given (`rope_frequencies`).
 
     With the halves a = x[..., :d/2], b = x[..., d/2:]: (a, b) → (a cos − b sin, b cos + a sin).
     Computed on x viewed as [..., 2, d/2] as x · [cos, cos] + swap(x) · [−sin, sin], where swap
@@ -153,7 +190,8 @@ def rotary(x: Array, positions: Array, theta: float) -> Array:
     train step (benchmarks/README.md).
     """
     half = x.shape[-1] // 2
-    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [d/2]
+    if inv_freq is None:
+        inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [d/2]
     angle = positions.astype(jnp.float32)[..., None, None, None] * inv_freq  # [B, T, 1, 1, d/2]
     sin, cos = jnp.sin(angle), jnp.cos(angle)
     cos2 = jnp.concatenate([cos, cos], axis=-2)  # [B, T, 1, 2, d/2]
@@ -236,6 +274,11 @@ class Attention(nnx.Module):
         self.wk = _param(rngs, (d, kv, hd), std, ("embed", "kv_heads", "head_dim"))
         self.wv = _param(rngs, (d, kv, hd), std, ("embed", "kv_heads", "head_dim"))
         self.wo = _param(rngs, (h, hd, d), out_std, ("heads", "head_dim", "embed"))
+        if cfg.qkv_bias:  # zeros at init; only present when asked (the parameter tree is unchanged otherwise)
+            self.bq = nnx.Param(jnp.zeros((h, hd), jnp.float32), logical_axes=("heads", "head_dim"))
+            self.bk = nnx.Param(jnp.zeros((kv, hd), jnp.float32), logical_axes=("kv_heads", "head_dim"))
+            self.bv = nnx.Param(jnp.zeros((kv, hd), jnp.float32), logical_axes=("kv_heads", "head_dim"))
+        self.bqkv = nnx.data(None)  # the decode layout of the biases: bq, bk, bv side by side, [(H + 2K)·hd]
         # the decode layout, set by `fuse_for_decoding`: wq, wk, wv side by side, [D, (H + 2K)·hd],
         # and wo as [H·hd, D], each in row blocks (`split_rows`)
         self.wqkv = nnx.data(None)
@@ -257,16 +300,21 @@ class Attention(nnx.Module):
         h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim_
         if self.wqkv is not None:  # one product for q, k and v (see `fuse_for_decoding`)
             qkv = matmul_blocks(x.reshape(b * t, d), self.wqkv[...].astype(dt))
+            if self.bqkv is not None:
+                qkv = qkv + self.bqkv[...].astype(dt)
             q, k, v = jnp.split(qkv, [h * hd, (h + kv) * hd], axis=1)
         else:
             ws = [w[...].astype(dt).reshape(d, -1) for w in (self.wq, self.wk, self.wv)]  # [D, heads·hd]
             q, k, v = matmuls(x.reshape(b * t, d), *ws)
+            if cfg.qkv_bias:
+                q, k, v = (y + bias[...].astype(dt).reshape(-1) for y, bias in zip((q, k, v), (self.bq, self.bk, self.bv)))
         q, k, v = q.reshape(b, t, h, hd), k.reshape(b, t, kv, hd), v.reshape(b, t, kv, hd)
         q = constrain(q, ("batch", "length", "heads", "head_dim"))  # [B, T, H, hd]
         k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
-        q = rotary(q, positions, cfg.rope_theta)
-        k = rotary(k, positions, cfg.rope_theta).transpose(0, 2, 1, 3)  # [B, K, T, hd]: the layout the
+        inv_freq = rope_frequencies(cfg)
+        q = rotary(q, positions, cfg.rope_theta, inv_freq)
+        k = rotary(k, positions, cfg.rope_theta, inv_freq).transpose(0, 2, 1, 3)  # [B, K, T, hd]: the layout the
         v = v.transpose(0, 2, 1, 3)  # score and value products read (and the cache keeps) without a copy
         groups = h // kv
         q = q * jnp.asarray(1 / math.sqrt(hd), q.dtype)  # scale the [T, hd] side, not [T, S]
@@ -440,6 +488,9 @@ def fuse_for_decoding(block: Block, row_blocks: int = 1) -> Block:
     attn.wo_blocks = nnx.Variable(split_rows(wo, row_blocks))
     mlp.w_gate_up = nnx.Variable(split_rows(jnp.concatenate([mlp.w_gate[...], mlp.w_up[...]], axis=-1), row_blocks))
     mlp.w_down_blocks = nnx.Variable(split_rows(mlp.w_down[...], row_blocks))
+    if attn.cfg.qkv_bias:  # [..., H, hd], [..., K, hd] → [..., (H + 2K)·hd], in q, k, v order like wqkv
+        attn.bqkv = nnx.Variable(jnp.concatenate([flat(attn.bq), flat(attn.bk), flat(attn.bv)], axis=-1))
+        attn.bq = attn.bk = attn.bv = None
     attn.wq = attn.wk = attn.wv = attn.wo = mlp.w_gate = mlp.w_up = mlp.w_down = None
     return block
 
