@@ -286,3 +286,9 @@ def save(model, hf_dir: str, architecture: str | None = None, params: Any = None
         json.dump(hf, f, indent=2, sort_keys=True)
     return hf_dir
 
+
+
+if __name__ == "__main__":  # python -m lm.interop.hf import|export ... (lm/interop/hf_run.py)
+    from lm.interop.hf_run import main
+
+    sys.exit(main())
