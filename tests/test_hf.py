@@ -196,3 +196,12 @@ def test_chat_template_weights_only_the_assistant_turns(name):
     prompt = tok.render_prompt(CHAT[:-1])
     assert np.array_equal(prompt, tokens[:len(prompt)])  # the prompt is the conversation's prefix
     assert tok.decode(tokens[len(prompt):]).startswith("The quick brown fox.")
+
+
+def test_qkv_biases_get_no_weight_decay_unless_asked():
+    from lm.optim import weight_decay_mask
+
+    _, params = hf.load_params(fixture_dir("qwen2"))
+    mask = weight_decay_mask(params, decay_norms_and_biases=False)
+    assert not mask["blocks"]["attn"]["bq"] and not mask["blocks"]["attn"]["bk"] and mask["blocks"]["attn"]["wq"]
+    assert weight_decay_mask(params, decay_norms_and_biases=True)["blocks"]["attn"]["bv"]
