@@ -18,18 +18,18 @@ from lm.checkpoint import read_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    if not arg:
-        raise ValueError("configs/hf_finetune.py needs the imported run directory: configs/hf_finetune.py:<run_dir>")
-    imported = read_config(arg)
     c = base.get_config()
+    c.optimizer.lr = 1e-4  # fine-tuning: well below pretraining's 3e-3
+    c.optimizer.warmup_steps = 10  # short warmup
+    c.optimizer.weight_decay = 0.0  # no decay towards zero of pretrained weights
+    c.train.restore_params_only = True  # with restore_from: step 0, a fresh optimizer state and data order
+    if not arg:  # the fine-tuning settings alone (model.* and train.restore_from are then yours to set)
+        return c
+    imported = read_config(arg)
     for name, value in imported.model.items():
         if name in c.model:
             c.model[name] = value  # the imported model's shape and numerics
     c.data.tokenizer = imported.data.tokenizer  # 'hf:<run>/hf': the checkpoint's tokenizer, vocabulary unchanged
     c.data.add_bos = imported.data.add_bos  # whether the checkpoint has a bos token
-    c.train.restore_from = arg  # start from the imported parameters ...
-    c.train.restore_params_only = True  # ... at step 0 with a fresh optimizer state and data order
-    c.optimizer.lr = 1e-4  # fine-tuning: well below pretraining's 3e-3
-    c.optimizer.warmup_steps = 10  # short warmup
-    c.optimizer.weight_decay = 0.0  # no decay towards zero of pretrained weights
+    c.train.restore_from = arg  # start from the imported parameters
     return c
