@@ -3,14 +3,19 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+# extras installed with the project: `make test EXTRAS=test,hf` adds torch + transformers for the
+# live comparisons of tests/test_hf_live.py (.ci/run does); without them those tests skip.
+EXTRAS ?= test
+PIP_ARGS ?=  # extra pip arguments for the install, e.g. a constraints file (.ci/run pins a CPU-only torch)
+comma := ,
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
 .PHONY: train test bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]' $(PIP_ARGS)
 	touch $(STAMP)
 
 train: $(STAMP)

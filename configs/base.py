@@ -37,6 +37,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.attention_block = 64  # causal attention in blocks of this many queries, skipping masked key blocks; 0: off
     m.decode_block = 0  # cached decoding attends to all slots; b > 0: the filled ones rounded up to a multiple of b
     m.init_scale = 1.0  # multiplies every initial standard deviation
+    m.qkv_bias = False  # biases on the q, k, v projections (Qwen2): params blocks.attn.bq [L, H, hd], bk, bv [L, K, hd]
+    m.rope_scaling = "none"  # rotary frequencies: 'none' (theta^(-2i/d)) or 'llama3' (Llama 3.1's low-frequency rescaling)
+    m.rope_factor = 8.0  # llama3: frequencies of wavelengths > rope_original_max_position / rope_low_freq_factor are divided by this
+    m.rope_low_freq_factor = 1.0  # llama3: lower end of the interpolated band (in units of 1/wavelength · original_max_position)
+    m.rope_high_freq_factor = 4.0  # llama3: wavelengths < rope_original_max_position / this keep their frequency
+    m.rope_original_max_position = 8192  # llama3: the context length the unscaled frequencies were trained for
 
     # -- loss (lm/losses/) --------------------------------------------------------------------------
     loss = c.loss = ml_collections.ConfigDict()

@@ -236,3 +236,40 @@ def test_initial_loss_is_near_uniform(model):
 def test_impossible_shapes_are_named(bad, match):
     with pytest.raises(ValueError, match=match):
         ModelConfig(**{**CFG.__dict__, **bad})
+
+
+def test_default_rope_frequencies_are_theta_powers_and_llama3_rescales_only_long_waves():
+    from lm.model import rope_frequencies
+    cfg = ModelConfig(vocab_size=8, d_model=64, num_heads=2, num_kv_heads=1, mlp_dim=8, rope_theta=500_000.0)
+    plain = np.asarray(rope_frequencies(cfg))
+    np.testing.assert_allclose(plain, 500_000.0 ** (-np.arange(16) / 16), rtol=1e-6)
+    llama3 = ModelConfig(**{**cfg.__dict__, "rope_scaling": "llama3", "rope_factor": 8.0, "rope_low_freq_factor": 1.0,
+                            "rope_high_freq_factor": 4.0, "rope_original_max_position": 64})
+    scaled = np.asarray(rope_frequencies(llama3))
+    wavelen = 2 * np.pi / plain
+    short, long_ = wavelen < 64 / 4, wavelen > 64 / 1
+    assert short.any() and long_.any() and (~short & ~long_).any()  # all three bands present
+    np.testing.assert_array_equal(scaled[short], plain[short])
+    np.testing.assert_allclose(scaled[long_], plain[long_] / 8, rtol=1e-6)
+    mid = ~short & ~long_
+    s = (64 / wavelen[mid] - 1) / 3
+    np.testing.assert_allclose(scaled[mid], (1 - s) * plain[mid] / 8 + s * plain[mid], rtol=1e-5)
+
+
+def test_qkv_biases_shift_q_k_v_and_survive_fusing_for_decoding():
+    cfg = ModelConfig(**{**CFG.__dict__, "qkv_bias": True})
+    block = Block(cfg, rngs=nnx.Rngs(5))
+    assert block.attn.bq.shape == (4, 8) and block.attn.bk.shape == block.attn.bv.shape == (2, 8)
+    x = jnp.asarray(np.random.default_rng(5).standard_normal((2, 6, cfg.d_model)), jnp.float32)
+    pos = jnp.tile(jnp.arange(6, dtype=jnp.int32), (2, 1))
+    seg = jnp.ones((2, 6), jnp.int32)
+    unbiased, _ = block(x, pos, seg, pos)
+    rng = np.random.default_rng(6)
+    for b in (block.attn.bq, block.attn.bk, block.attn.bv):
+        b[...] = jnp.asarray(rng.standard_normal(b.shape), jnp.float32)
+    want, _ = block(x, pos, seg, pos)
+    assert np.abs(np.asarray(want - unbiased)).max() > 1e-2  # the biases take part
+    fused = fuse_block(nnx.clone(block), row_blocks=2)
+    assert not hasattr(fused.attn, "bq") and fused.attn.bqkv.shape == ((4 + 2 * 2) * 8,)
+    got, _ = fused(x, pos, seg, pos)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

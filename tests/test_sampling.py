@@ -359,3 +359,21 @@ def test_cli_streams_reproducible_samples_in_plain_and_chat_mode(run_dir):
 def test_cli_rejects_bad_settings_before_loading(flag, capsys):
     code, _ = _cli(["--run_dir=/nonexistent", flag])
     assert code == 2 and "error" in capsys.readouterr().err
+
+
+def test_cached_decoding_with_qkv_biases_and_llama3_rope_equals_full_recomputation(model):
+    """Qwen2's q/k/v biases (fused into one bias vector for decoding) and Llama 3's rescaled rotary
+    frequencies: cached logits still equal a full forward pass, at batch 1 and batch 2."""
+    cfg = dataclasses.replace(CFG, qkv_bias=True, rope_scaling="llama3", rope_original_max_position=16)
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    rng = np.random.default_rng(1)
+    biased = nnx.merge(graphdef, jax.tree.map(
+        lambda leaf: jnp.asarray(0.5 * rng.standard_normal(leaf.shape, np.float32)), abstract))
+    for prompts in (PROMPTS[:1], PROMPTS):
+        out = _run(biased, prompts=prompts, temperature=1.0)
+        prefixes, cached = [], []
+        for r, prompt in enumerate(prompts):
+            for i in range(out.lengths[r]):
+                prefixes.append(prompt + out.tokens[r, :i].tolist())
+                cached.append(out.logits[r, i])
+        np.testing.assert_allclose(np.stack(cached), _recompute_last_logits(biased, prefixes), atol=2e-5, rtol=1e-5)

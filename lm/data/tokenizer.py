@@ -255,9 +255,15 @@ class SentencePieceTokenizer(Tokenizer):
 
 
 def load_tokenizer(spec: str) -> Tokenizer:
-    """'byte' | path to tokenizer.json | path to .model | a directory holding tokenizer.json."""
+    """'byte' | path to tokenizer.json | path to .model | a directory holding tokenizer.json |
+    'hf:<directory>': a Hugging Face checkpoint's tokenizer with its own special tokens, EOS and
+    chat template, vocabulary unchanged (lm/data/hf_tokenizer.py)."""
     if spec == 'byte':
         return ByteTokenizer()
+    if spec.startswith('hf:'):
+        from lm.data.hf_tokenizer import HFCheckpointTokenizer
+
+        return HFCheckpointTokenizer(spec[3:])
     path = os.path.expanduser(spec)
     if os.path.isdir(path):
         path = os.path.join(path, 'tokenizer.json')

@@ -13,7 +13,7 @@ from flax import nnx
 from lm import masking
 from lm.model.config import ModelConfig
 from lm.model.hints import constrain
-from lm.model.layers import matmuls, param, rotary
+from lm.model.layers import matmuls, param, rope_frequencies, rotary
 
 Array = jax.Array
 
@@ -41,12 +41,19 @@ class Attention(nnx.Module):
         self.wk = param(rngs, (d, kv, hd), std, ("embed", "kv_heads", "head_dim"))
         self.wv = param(rngs, (d, kv, hd), std, ("embed", "kv_heads", "head_dim"))
         self.wo = param(rngs, (h, hd, d), out_std, ("heads", "head_dim", "embed"))
+        if cfg.qkv_bias:  # zeros at init; only present when asked (the parameter tree is unchanged otherwise)
+            self.bq = nnx.Param(jnp.zeros((h, hd), jnp.float32), logical_axes=("heads", "head_dim"))
+            self.bk = nnx.Param(jnp.zeros((kv, hd), jnp.float32), logical_axes=("kv_heads", "head_dim"))
+            self.bv = nnx.Param(jnp.zeros((kv, hd), jnp.float32), logical_axes=("kv_heads", "head_dim"))
         self.cfg = cfg
 
     def project_qkv(self, x2: Array) -> tuple[Array, Array, Array]:
-        """x [M, D] → q [M, H·hd], k, v [M, K·hd]."""
+        """x [M, D] → q [M, H·hd], k, v [M, K·hd] (plus the biases, with cfg.qkv_bias)."""
         dt, d = self.cfg.compute_dtype, x2.shape[-1]
-        return matmuls(x2, *[w[...].astype(dt).reshape(d, -1) for w in (self.wq, self.wk, self.wv)])
+        qkv = matmuls(x2, *[w[...].astype(dt).reshape(d, -1) for w in (self.wq, self.wk, self.wv)])
+        if self.cfg.qkv_bias:
+            qkv = tuple(y + b[...].astype(dt).reshape(-1) for y, b in zip(qkv, (self.bq, self.bk, self.bv)))
+        return qkv
 
     def project_out(self, out2: Array) -> Array:
         """attention output [M, H·hd] → [M, D]."""
@@ -71,8 +78,9 @@ class Attention(nnx.Module):
         q = constrain(q, ("batch", "length", "heads", "head_dim"))  # [B, T, H, hd]
         k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
-        q = rotary(q, positions, cfg.rope_theta)
-        k = rotary(k, positions, cfg.rope_theta).transpose(0, 2, 1, 3)  # [B, K, T, hd]: the layout the
+        inv_freq = rope_frequencies(cfg)
+        q = rotary(q, positions, cfg.rope_theta, inv_freq)
+        k = rotary(k, positions, cfg.rope_theta, inv_freq).transpose(0, 2, 1, 3)  # [B, K, T, hd]: the layout the
         v = v.transpose(0, 2, 1, 3)  # score and value products read (and the cache keeps) without a copy
         groups = h // kv
         q = q * jnp.asarray(1 / math.sqrt(hd), q.dtype)  # scale the [T, hd] side, not [T, S]

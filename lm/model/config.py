@@ -33,6 +33,13 @@ class ModelConfig:
     scan_layers: bool = True  # apply the stacked blocks with lax.scan (compile time flat in depth);
     # False unrolls them: a longer compile, but no stacked activation buffers to fill and slice
     init_scale: float = 1.0  # multiplies every initial standard deviation
+    qkv_bias: bool = False  # biases on the q, k and v projections (Qwen2): params bq [H, hd], bk, bv [K, hd]
+    rope_scaling: str = "none"  # rotary frequencies: 'none' (theta^(-2i/d)) or 'llama3' (Llama 3.1's
+    # rescaling of the low frequencies, see lm/model/layers.py: rope_frequencies; the four rope_* fields below)
+    rope_factor: float = 8.0  # llama3: the long wavelengths' frequencies are divided by this
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original_max_position / this are scaled fully
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original_max_position / this are kept
+    rope_original_max_position: int = 8192  # llama3: the context length the frequencies were trained for
 
     def __post_init__(self):
         problems = []
@@ -53,6 +60,15 @@ class ModelConfig:
             problems.append(f"model.attention_block must be >= 0 (0: off), got {self.attention_block}")
         if self.decode_block is None or self.decode_block < 0:
             problems.append(f"model.decode_block must be >= 0 (0: off), got {self.decode_block}")
+        if self.rope_scaling not in ("none", "llama3"):
+            problems.append(f"model.rope_scaling must be 'none' or 'llama3', got {self.rope_scaling!r}")
+        elif self.rope_scaling == "llama3" and not (
+                self.rope_factor > 0 and 0 < self.rope_low_freq_factor < self.rope_high_freq_factor
+                and self.rope_original_max_position > 0):
+            problems.append("model.rope_scaling='llama3' needs rope_factor > 0, 0 < rope_low_freq_factor < "
+                            f"rope_high_freq_factor and rope_original_max_position > 0, got {self.rope_factor}, "
+                            f"{self.rope_low_freq_factor}, {self.rope_high_freq_factor}, "
+                            f"{self.rope_original_max_position}")
         if self.dtype not in DTYPES:
             problems.append(f"model.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if problems:

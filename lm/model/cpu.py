@@ -70,11 +70,15 @@ class FusedAttention(Attention):
         wo = attn.wo[...].reshape(*attn.wo.shape[:-3], -1, attn.wo.shape[-1])  # [..., H·hd, D]
         self.wqkv = nnx.Variable(split_rows(wqkv, row_blocks))
         self.wo_blocks = nnx.Variable(split_rows(wo, row_blocks))
+        if attn.cfg.qkv_bias:  # [..., H, hd], [..., K, hd] → [..., (H + 2K)·hd], in q, k, v order like wqkv
+            self.bqkv = nnx.Variable(jnp.concatenate([flat(attn.bq), flat(attn.bk), flat(attn.bv)], axis=-1))
         self.cfg = attn.cfg
 
     def project_qkv(self, x2):
         cfg = self.cfg
         qkv = matmul_blocks(x2, self.wqkv[...].astype(cfg.compute_dtype))
+        if cfg.qkv_bias:
+            qkv = qkv + self.bqkv[...].astype(cfg.compute_dtype)
         return tuple(jnp.split(qkv, [cfg.num_heads * cfg.head_dim_, (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim_],
                                axis=1))
 

@@ -35,8 +35,29 @@ class RMSNorm(nnx.Module):
         return (y * self.scale[...]).astype(x.dtype)
 
 
-def rotary(x: Array, positions: Array, theta: float) -> Array:
-    """Rotate pairs (x_i, x_{i+d/2}) of `x [B, T, H, d]` by angle positions · theta^(−2i/d).
+def rope_frequencies(cfg: ModelConfig) -> Array:
+    """The rotary angular frequencies inv_freq [d/2] (float32), d = the head dim.
+
+    'none': inv_freq_i = theta^(−2i/d). 'llama3' (Llama 3.1): with the wavelength λ_i = 2π/inv_freq_i,
+    L = rope_original_max_position, f = rope_factor, l = rope_low_freq_factor, h = rope_high_freq_factor:
+    λ > L/l (long waves): inv_freq / f; λ < L/h (short waves): unchanged; in between, interpolated
+    with s = (L/λ − l)/(h − l): (1 − s)·inv_freq/f + s·inv_freq.
+    """
+    half = cfg.head_dim_ // 2
+    inv_freq = cfg.rope_theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    if cfg.rope_scaling == "none":
+        return inv_freq
+    old_len, f = cfg.rope_original_max_position, cfg.rope_factor
+    low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_len / wavelen - low) / (high - low)
+    medium = (1 - smooth) * inv_freq / f + smooth * inv_freq
+    return jnp.where(wavelen > old_len / low, inv_freq / f, jnp.where(wavelen < old_len / high, inv_freq, medium))
+
+
+def rotary(x: Array, positions: Array, theta: float, inv_freq: Array | None = None) -> Array:
+    """Rotate pairs (x_i, x_{i+d/2}) of `x [B, T, H, d]` by angle positions · inv_freq_i, where
+    inv_freq_i = theta^(−2i/d) unless `inv_freq [d/2]` is given (`rope_frequencies`).
 
     With the halves a = x[..., :d/2], b = x[..., d/2:]: (a, b) → (a cos − b sin, b cos + a sin).
     Computed on x viewed as [..., 2, d/2] as x · [cos, cos] + swap(x) · [−sin, sin], where swap
@@ -45,7 +66,8 @@ def rotary(x: Array, positions: Array, theta: float) -> Array:
     train step (benchmarks/README.md).
     """
     half = x.shape[-1] // 2
-    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [d/2]
+    if inv_freq is None:
+        inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [d/2]
     angle = positions.astype(jnp.float32)[..., None, None, None] * inv_freq  # [B, T, 1, 1, d/2]
     sin, cos = jnp.sin(angle), jnp.cos(angle)
     cos2 = jnp.concatenate([cos, cos], axis=-2)  # [B, T, 1, 2, d/2]

@@ -27,7 +27,8 @@ def weight_decay_mask(params: Any, decay_norms_and_biases: bool) -> Any:
     """
     def decays(path, x):
         ndim = x.ndim - (1 if any(getattr(k, "key", None) == "blocks" for k in path) else 0)
-        return decay_norms_and_biases or ndim >= 2
+        bias = getattr(path[-1], "key", None) in ("bq", "bk", "bv")  # q/k/v biases [L, heads, hd]: vectors per head
+        return decay_norms_and_biases or (ndim >= 2 and not bias)
 
     return jax.tree_util.tree_map_with_path(decays, params)
 
