@@ -32,9 +32,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created if missi
 def build_model_config(config: ml_collections.ConfigDict, vocab_size: int):
     from lm.model import ModelConfig
 
-    fields = dict(config.model)
-    fields["vocab_size"] = fields.get("vocab_size") or vocab_size
-    return ModelConfig(**fields)
+    return ModelConfig.from_config(config.model, vocab_size)
 
 
 def train_and_report(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -47,9 +45,6 @@ def train_and_report(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     tokenizer = data.build_tokenizer(config.data)
     model_cfg = build_model_config(config, tokenizer.vocab_size)
-    if model_cfg.vocab_size < tokenizer.vocab_size:
-        raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
-                         f"{tokenizer.vocab_size}")
     objective = objectives.get(config.objective)
     tc = config.train
     # this process's block of every global batch (processes that share rows load the same data)

@@ -381,10 +381,8 @@ def load_for_inference(run_dir: str, step: int | None = None):
     from lm.model import ModelConfig, Transformer
 
     config = read_config(run_dir)
-    model_fields = dict(config.model)
-    if model_fields.get("vocab_size") is None:
-        model_fields["vocab_size"] = build_tokenizer(config.data).vocab_size
-    model_cfg = ModelConfig(**model_fields)
+    vocab = build_tokenizer(config.data).vocab_size if config.model.get("vocab_size") is None else None
+    model_cfg = ModelConfig.from_config(config.model, vocab)
     graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0))))
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),

@@ -74,6 +74,21 @@ class ModelConfig:
         if problems:
             raise ValueError("; ".join(problems))
 
+    @classmethod
+    def from_config(cls, model_block, tokenizer_vocab_size: int | None = None) -> "ModelConfig":
+        """`config.model` → ModelConfig. model.vocab_size None means the tokenizer's size, which
+        must then be given; a vocabulary smaller than the tokenizer's is an error."""
+        fields = dict(model_block)
+        if fields.get("vocab_size") is None:
+            if tokenizer_vocab_size is None:
+                raise ValueError("model.vocab_size is None (the tokenizer's size) but no tokenizer was read here; "
+                                 "set model.vocab_size")
+            fields["vocab_size"] = tokenizer_vocab_size
+        if tokenizer_vocab_size is not None and fields["vocab_size"] < tokenizer_vocab_size:
+            raise ValueError(f"model.vocab_size={fields['vocab_size']} is smaller than the tokenizer's "
+                             f"{tokenizer_vocab_size}")
+        return cls(**fields)
+
     @property
     def head_dim_(self) -> int:
         return self.head_dim if self.head_dim is not None else self.d_model // self.num_heads

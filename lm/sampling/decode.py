@@ -133,8 +133,8 @@ def _prefill(graphdef, params, prompt, knobs, stop_ids, key, *, max_len, max_new
 # at every decode step: 3 copies per cache buffer, ~25 MB per token at 528 slots. Its region
 # analysis proves the update safe after the reads and writes in place (no copy). The option is a
 # field of XLA's DebugOptions, named for the CPU backend; other backends do not read it. XLA's
-# YNNPACK fusions stay on (turning them off made batch-8 steps faster on an AMD EPYC in session 3
-# but ~16% slower on an Intel Xeon in session 8, and batch 1 no faster on either; benchmarks/README.md).
+# YNNPACK fusions stay on (turning them off made batch-8 steps faster on an AMD EPYC
+# but ~16% slower on an Intel Xeon, and batch 1 no faster on either; benchmarks/README.md).
 _DECODE_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
 
 

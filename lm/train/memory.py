@@ -169,10 +169,7 @@ def plan_config(config: Any, devices: list | None = None) -> tuple[Any, MemoryRe
     from lm.objectives import get as get_objective
     from lm.train.optim import make_optimizer
 
-    fields = dict(config.model)
-    if fields.get("vocab_size") is None:
-        raise ValueError("model.vocab_size must be set to plan a config's memory (no tokenizer is read here)")
-    model_cfg = ModelConfig(**fields)
+    model_cfg = ModelConfig.from_config(config.model)  # no tokenizer is read here: model.vocab_size must be set
     tc = config.train
     optimizer, schedule = make_optimizer(config.optimizer, tc.steps)
     mesh = shd.make_mesh(config.mesh, devices)
