@@ -206,3 +206,24 @@ def test_qkv_biases_get_no_weight_decay_unless_asked():
     mask = weight_decay_mask(params, decay_norms_and_biases=False)
     assert not mask["blocks"]["attn"]["bq"] and not mask["blocks"]["attn"]["bk"] and mask["blocks"]["attn"]["wq"]
     assert weight_decay_mask(params, decay_norms_and_biases=True)["blocks"]["attn"]["bv"]
+
+
+def test_fine_tuning_starts_from_the_imported_parameters(run_dir, tmp_path):
+    """configs/hf_finetune.py:<run> trains from the import (train.init_from): with a vanishing learning rate
+    its final parameters are the checkpoint's, bit for bit, and the run reports a finite loss."""
+    import importlib
+
+    from lm.cli.train import train_and_report
+    from lm.io import checkpoint
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"The quick brown fox {i} jumps over the lazy dog." for i in range(40)))
+    config = importlib.import_module("configs.hf_finetune").get_config(run_dir)
+    config.data.source, config.data.text.train_files, config.data.text.valid_files = "text", str(corpus), str(corpus)
+    config.train.update(steps=2, batch_size=8, seq_len=32, log_every=1, eval_every=0, progress_bar=False)
+    config.optimizer.lr, config.data.num_valid_batches, config.eval.evaluators = 1e-30, 1, ""  # below every ulp
+    summary = train_and_report(config, str(tmp_path / "ft"))
+    assert np.isfinite(summary["train_loss"]) and np.isfinite(summary["valid_loss"])
+    _, _, params, _ = checkpoint.load_for_inference(str(tmp_path / "ft"))
+    _, want = hf.load_params(fixture_dir("llama"))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), params, want)
