@@ -43,12 +43,13 @@ def preference_config(arg: str | None, name: str) -> ml_collections.ConfigDict:
     c.model.num_kv_heads = 2  # key/value heads
     c.model.mlp_dim = 256  # SwiGLU width
     c.model.scan_layers = False  # 2 layers: unrolled is faster on a CPU
-    c.model.attention_block = 0  # rows of 11 tokens: no attention blocking
+    c.model.attention_block = 0  # rows of 12 tokens: no attention blocking
 
     c.train.init_from = "runs/default"  # the pretrained language model (`make train`)
     c.train.batch_size = 64  # pairs per step
-    c.train.seq_len = 12  # tokens per row: prompt_len + horizon - 1 = 11 used, right-padded
+    c.train.seq_len = 12  # tokens per row: prompt_len + horizon (+ <|eos|>) - 1 <= 12 used, right-padded
     c.train.log_every = 50  # steps between metric lines
+    c.train.progress_bar = False  # metric lines only
     c.train.checkpoint_every = 0  # only at the end
     c.optimizer.warmup_steps = 50  # linear warmup
     c.optimizer.weight_decay = 0.0  # no decay toward 0 (the start is a pretrained model)
@@ -76,6 +77,7 @@ def preference_config(arg: str | None, name: str) -> ml_collections.ConfigDict:
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = preference_config(arg, "reward")
     c.objective = "reward"  # lm/objectives/reward.py: Bradley–Terry on a RewardModel
+    c.data.markov_preference.end_with_eos = True  # the score (hidden state at the last scored token) reads all N characters
     r = c.reward = ml_collections.ConfigDict()
     r.margin = 0.0  # m in −log σ(r_c − r_r − m): the chosen answer must win by at least m
     r.center_rewards = 0.0  # c·Σ(r_c + r_r)² added to the loss (TRL's center_rewards_coefficient; 0: off)

@@ -15,7 +15,11 @@ Sources (config ``data.source``; fields in configs/data.py):
                       Bradley–Terry with the true reward r(x) = Σ_t g(x_t). A fixed set of
                       ``num_pairs`` train pairs (and ``num_valid_pairs`` valid pairs, disjoint
                       seeds), so that the data budget is a knob. Character i is the byte token
-                      ``ord(alphabet[i])``.
+                      ``ord(alphabet[i])``. With ``end_with_eos`` each answer ends with a scored
+                      <|eos|>: a reward model reads the hidden state at the last scored token,
+                      whose input is then the answer's last character (without it, the score
+                      never sees that character). DPO leaves it off (π would get a free,
+                      sequence-dependent extra action that the benchmark's J does not have).
   preference_jsonl    JSONL, one pair per line, TRL's field names: ``prompt``, ``chosen``,
                       ``rejected``. Either all three are text (standard format), or ``prompt`` is
                       a list of chat messages and ``chosen`` / ``rejected`` are lists of
@@ -211,9 +215,11 @@ class MarkovPreference:
         if cfg.prompt_len < self.chain.order:
             raise ValueError(f'data.markov_preference.prompt_len={cfg.prompt_len} must be >= the chain order '
                              f'{self.chain.order} (the prompt fixes the start state)')
-        if cfg.prompt_len + cfg.horizon - 1 > seq_len:
-            raise ValueError(f'a Markov preference row needs prompt_len + horizon - 1 = '
-                             f'{cfg.prompt_len + cfg.horizon - 1} <= seq_len={seq_len}')
+        self.end = [tokenizer.eos_id] if cfg.end_with_eos else []
+        row = cfg.prompt_len + cfg.horizon + len(self.end) - 1
+        if row > seq_len:
+            raise ValueError(f'a Markov preference row needs prompt_len + horizon (+ 1 with end_with_eos) - 1 = '
+                             f'{row} <= seq_len={seq_len}')
         num = cfg.num_pairs if split == 'train' else cfg.num_valid_pairs
         data_seed = [int(cfg.pair_seed), 0 if split == 'train' else 1]
         self.prompts = markov_prompts(self.chain, num, cfg.prompt_len, seed=data_seed + [0])
@@ -222,14 +228,15 @@ class MarkovPreference:
         self.pairs = self.bench.preference_pairs(self.start_states, seed=data_seed + [1])
         self.alphabet_ids = tokenizer.encode_array(markov.alphabet).astype(np.int32)
         self._chosen, self._rejected = self.pairs.chosen, self.pairs.rejected
-        self._weights = np.concatenate([np.zeros(cfg.prompt_len), np.ones(cfg.horizon)]).astype(np.float32)
+        self._weights = np.concatenate([np.zeros(cfg.prompt_len), np.ones(cfg.horizon + len(self.end))]).astype(np.float32)
 
     def __len__(self) -> int:
         return len(self.prompts)
 
     def tokens(self, prompts: np.ndarray, answers: np.ndarray) -> np.ndarray:
-        """[M, P] and [M, N] character indices → [M, P + N] token ids."""
-        return self.alphabet_ids[np.concatenate([prompts, answers], axis=1)]
+        """[M, P] and [M, N] character indices → [M, P + N] token ids (+ <|eos|> with end_with_eos)."""
+        tokens = self.alphabet_ids[np.concatenate([prompts, answers], axis=1)]
+        return np.concatenate([tokens, np.full((len(tokens), len(self.end)), self.end, np.int32)], axis=1)
 
     def document(self, i: int) -> dict:
         prompt = self.prompts[i:i + 1]

@@ -34,10 +34,10 @@ def _reward_fn(graphdef):
 
 def markov_pair_batch(source, prompts, chosen, rejected) -> dict:
     """A pair batch of the Markov benchmark: [M, P] prompts, [M, N] answers (character indices)."""
-    weights = np.concatenate([np.zeros(prompts.shape[1]), np.ones(chosen.shape[1])]).astype(np.float32)
     out = {}
     for side, answers in (("chosen", chosen), ("rejected", rejected)):
         tokens = source.tokens(prompts, answers).astype(np.int32)
+        weights = np.concatenate([np.zeros(prompts.shape[1]), np.ones(tokens.shape[1] - prompts.shape[1])])
         m, t = tokens.shape[0], tokens.shape[1] - 1
         out[side] = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
                      "loss_mask": np.broadcast_to(weights[1:], (m, t)).copy(),
