@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 from configs import dpo as dpo_config
+from configs.data import data_config
 from configs import reward as reward_config
 from lm import data as D
 from lm import losses, train
@@ -21,7 +22,6 @@ from lm.data import chat
 from lm.data.tokenizer import ByteTokenizer
 from lm.model import ModelConfig, RewardModel, Transformer
 from lm.objectives import dpo, reward
-from lm.train.optim import make_optimizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOK = ByteTokenizer()
@@ -33,9 +33,6 @@ CFG = ModelConfig(vocab_size=TOK.vocab_size, d_model=16, num_layers=1, num_heads
 
 
 def jsonl_config(path, **fields):
-    cfg = D.build.data_config() if hasattr(D.build, "data_config") else None
-    from configs.data import data_config
-
     cfg = data_config()
     cfg.source, cfg.num_valid_batches = "preference_jsonl", 2
     cfg.preference_jsonl.train_files = cfg.preference_jsonl.valid_files = str(path)
@@ -147,39 +144,29 @@ def test_reward_loss_is_bradley_terry_of_the_models_rewards(pair_batch):
     graphdef, params = nnx.split(model, nnx.Param)
     config = reward_config.get_config("tiny")
     config.reward.center_rewards = 0.1
-    obj, sums = reward.make_loss_fn(config, graphdef)(params, pair_batch, None, {})
-    side = lambda s: model.rewards(*(pair_batch[s][k] for k in ("inputs", "positions", "segment_ids", "loss_mask")))  # noqa: E731
-    r_c, r_r = side("chosen"), side("rejected")
+    obj, sums = jax.jit(reward.make_loss_fn(config, graphdef))(params, pair_batch, None, {})
+    rewards = jax.jit(lambda b: model.rewards(b["inputs"], b["positions"], b["segment_ids"], b["loss_mask"]))
+    r_c, r_r = rewards(pair_batch["chosen"]), rewards(pair_batch["rejected"])
     ref = losses.bradley_terry_loss(r_c, r_r)
     np.testing.assert_allclose(obj, ref.sum + 0.1 * jnp.sum((r_c + r_r) ** 2), rtol=1e-5)
     assert sums["count"] == 8 and sums["correct_sum"] == ref.accuracy_sum == jnp.sum(r_c > r_r)
 
 
-def dpo_setup(micro_batches=1):
-    config = dpo_config.get_config("tiny")
-    config.train.micro_batches = micro_batches
-    optimizer, schedule = make_optimizer(config.optimizer, 10)
-    setup = train.plan_state(CFG, optimizer, jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",)),
-                             {}, 0) if False else None
-    return config, optimizer, schedule
-
-
 def test_dpo_step0_is_ln2_and_split_invariant(pair_batch):
     model = Transformer(CFG, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
-    params = nnx.to_pure_dict(params) if hasattr(nnx, "to_pure_dict") else params
     config = dpo_config.get_config("tiny")
-    loss_fn = dpo.make_loss_fn(config, graphdef)
+    loss_fn = jax.jit(dpo.make_loss_fn(config, graphdef))
     frozen = {"reference": params}
     obj, sums = loss_fn(params, pair_batch, None, frozen)
     assert math.isclose(float(obj / sums["count"]), math.log(2), rel_tol=1e-6)  # π = π_ref: every ρ is 0
     # a policy ≠ reference: the loss and gradient of the whole batch equal the sums over two halves
     moved = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(2), p.shape), params)
-    grad = jax.grad(lambda p, b: loss_fn(p, b, None, frozen)[0])
+    grad = jax.jit(jax.grad(lambda p, b: loss_fn(p, b, None, frozen)[0]))
     whole = grad(moved, pair_batch)
     halves = [jax.tree.map(lambda x: x[i::2], pair_batch) for i in range(2)]
     split = jax.tree.map(jnp.add, *(grad(moved, h) for h in halves))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), whole, split)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), whole, split)
     total = sum(float(loss_fn(moved, h, None, frozen)[0]) for h in halves)
     assert math.isclose(total, float(loss_fn(moved, pair_batch, None, frozen)[0]), rel_tol=1e-5)
     assert total / 8 != pytest.approx(math.log(2))
