@@ -22,6 +22,8 @@ from lm.data import chat
 from lm.data.tokenizer import ByteTokenizer
 from lm.model import ModelConfig, RewardModel, Transformer
 from lm.objectives import dpo, reward
+from lm.parallel import sharding as shd
+from lm.train.optim import make_optimizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOK = ByteTokenizer()
@@ -156,59 +158,60 @@ def test_dpo_step0_is_ln2_and_split_invariant(pair_batch):
     model = Transformer(CFG, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
     config = dpo_config.get_config("tiny")
-    loss_fn = jax.jit(dpo.make_loss_fn(config, graphdef))
+    loss_fn = dpo.make_loss_fn(config, graphdef)
     frozen = {"reference": params}
-    obj, sums = loss_fn(params, pair_batch, None, frozen)
+    grad = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(p, b, None, frozen), has_aux=True))
+    (obj, sums), _ = grad(params, pair_batch)
     assert math.isclose(float(obj / sums["count"]), math.log(2), rel_tol=1e-6)  # π = π_ref: every ρ is 0
     # a policy ≠ reference: the loss and gradient of the whole batch equal the sums over two halves
     moved = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(2), p.shape), params)
-    grad = jax.jit(jax.grad(lambda p, b: loss_fn(p, b, None, frozen)[0]))
-    whole = grad(moved, pair_batch)
-    halves = [jax.tree.map(lambda x: x[i::2], pair_batch) for i in range(2)]
-    split = jax.tree.map(jnp.add, *(grad(moved, h) for h in halves))
+    (whole_obj, _), whole = grad(moved, pair_batch)
+    halves = [grad(moved, jax.tree.map(lambda x: x[i::2], pair_batch)) for i in range(2)]
+    split = jax.tree.map(jnp.add, halves[0][1], halves[1][1])
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), whole, split)
-    total = sum(float(loss_fn(moved, h, None, frozen)[0]) for h in halves)
-    assert math.isclose(total, float(loss_fn(moved, pair_batch, None, frozen)[0]), rel_tol=1e-5)
-    assert total / 8 != pytest.approx(math.log(2))
+    total = sum(float(h[0][0]) for h in halves)
+    assert math.isclose(total, float(whole_obj), rel_tol=1e-5) and total / 8 != pytest.approx(math.log(2))
 
 
-def test_dpo_training_moves_the_policy_and_never_the_reference(tmp_path):
-    from lm.train import loop
-
+def test_dpo_training_moves_the_policy_and_never_the_reference(pair_batch):
+    """Three train steps on one device: the first loss is ln 2 (π = π_ref), the policy moves, and the
+    frozen reference stays bit-identical."""
     config = dpo_config.get_config("tiny")
-    config.train.log_every = 1
-    config.train.steps = 3
-    model_cfg = CFG
-    it = D.build_iterator(config.data, split="train", batch_size=config.train.batch_size, seq_len=12, seed=0)
-    result = loop.run(config, str(tmp_path), model_cfg=model_cfg,
-                      make_loss_fn=lambda g: dpo.make_loss_fn(config, g), train_iter=it, valid_batches=None,
-                      frozen=dpo.frozen_models(config, model_cfg), batch_kind=dpo.BATCH_KIND)
-    assert result.history[0]["loss"] == pytest.approx(math.log(2), rel=1e-6)  # step 1: π = π_ref
-    start = train.init_frozen(result.setup, "reference", config.seed)  # = the policy's initialization
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), result.frozen["reference"],
-                 start)
-    moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), result.state.params, start)
-    assert max(jax.tree.leaves(moved)) > 0
+    optimizer, schedule = make_optimizer(config.optimizer, 3)
+    mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    setup = train.plan_state(CFG, optimizer, mesh, config.mesh.rules, 0, frozen={"reference": CFG})
+    state = train.init_state(CFG, optimizer, setup, 0)
+    frozen = {"reference": train.init_frozen(setup, "reference", 0)}  # the policy's own initialization
+    before = jax.tree.map(np.array, frozen)
+    start = jax.tree.map(np.array, state.params)
+    step = train.jit_train_step(train.make_train_step(dpo.make_loss_fn(config, setup.graphdef), optimizer, schedule),
+                                setup)
+    batch = train.global_batch(pair_batch, mesh)
+    for i in range(3):
+        state, metrics = step(state, batch, *train.frozen_args(setup, frozen))
+        if i == 0:
+            assert float(metrics["loss"]) == pytest.approx(math.log(2), rel=1e-6)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.array, frozen), before)
+    moved = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - b))), state.params, start)
+    assert max(jax.tree.leaves(moved)) > 0 and float(metrics["loss"]) < math.log(2)
 
 
 # -- end to end -------------------------------------------------------------------------------------
 
 
-def test_dpo_tiny_end_to_end_writes_the_benchmark_numbers(tmp_path):
+def test_tiny_reward_and_dpo_runs_end_to_end(tmp_path):
+    """`python -m lm.cli.train --config=configs/{reward,dpo}.py:tiny` (run side by side) write the new keys."""
     env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-m", "lm.cli.train", "--config=configs/dpo.py:tiny", f"--workdir={tmp_path}"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.load(open(tmp_path / "summary.json"))
+    procs = {name: subprocess.Popen([sys.executable, "-m", "lm.cli.train", f"--config=configs/{name}.py:tiny",
+                                     f"--workdir={tmp_path / name}"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True) for name in ("reward", "dpo")}
+    for name, proc in procs.items():
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, f"{name}: {err[-3000:]}"
+    summary = json.load(open(tmp_path / "dpo" / "summary.json"))
     for key in ("optimal_objective", "policy_objective", "reference_objective", "fraction_of_optimal_gain"):
         assert math.isfinite(summary[key]), key
     assert summary["optimal_objective"] > summary["chain_objective"]  # π* beats the chain itself
-
-
-def test_reward_tiny_end_to_end_writes_accuracy_and_bayes(tmp_path):
-    from lm.cli.train import train_and_report
-
-    summary = train_and_report(reward_config.get_config("tiny"), str(tmp_path))
-    assert json.load(open(tmp_path / "summary.json")) == pytest.approx(summary)
+    summary = json.load(open(tmp_path / "reward" / "summary.json"))
     assert 0 <= summary["pairwise_accuracy"] <= 1 and summary["pairwise_accuracy_n"] == 32
     assert 0.5 < summary["bayes_pairwise_accuracy"] < 1

@@ -17,6 +17,10 @@ enter the KL; a model trained on the chain puts ~all its mass there anyway.
     fraction_of_optimal_gain (J(π_θ) − J(π_ref model)) / (J(π*) − J(π_ref model)) ± stderr
     policy_objective_model_reference   E[r] − β·KL(π_θ‖π_ref model): the objective DPO optimizes
                              literally (its reference is the pretrained model, ≈ the chain)
+    optimal_objective_model_reference  its maximum β·log E_{π_ref model}[exp(r/β)], a log-mean-exp
+                             over the reference's samples (Monte Carlo; biased low)
+    fraction_of_optimal_gain_model_reference   the fraction of gain in these terms (J_m(π_ref model)
+                             = E[r] under it, its KL to itself being 0)
 
 The definitions choose the TRUE chain as J's reference so that the optimum is known exactly; the
 DPO reference in training is the pretrained model, whose cross-entropy is ~1% above the chain's,
@@ -113,6 +117,12 @@ def evaluate(ctx) -> dict:
     j_chain = bench.objective(bench.transitions, beta, mu).objective
     ref_logp_of_pol = _batched(lambda p, s: (score(reference, p, s),), bs, prompt_tokens, pol_syms)[0]
     model_kl = float((pol_logp.sum(1) - ref_logp_of_pol.sum(1)).mean())
+    # against the model reference π_m: J_m(π) = E_π[r] − β·KL(π‖π_m), maximized by π_m·exp(r/β)/Z at
+    # β·log E_{π_m}[exp(r/β)], estimated from the reference's own samples (a log-mean-exp: biased low)
+    ref_rewards = bench.reward(ref_syms) / beta
+    top = ref_rewards.max()
+    j_opt_model = float(beta * (top + np.log(np.mean(np.exp(ref_rewards - top)))))
+    j_pol_model = j_pol.reward - beta * model_kl
     gain = j_opt - j_ref.objective
     frac = (j_pol.objective - j_ref.objective) / gain
     out = {"optimal_objective": j_opt, "policy_objective": j_pol.objective,
@@ -123,7 +133,9 @@ def evaluate(ctx) -> dict:
            "fraction_of_optimal_gain_vs_chain": (j_pol.objective - j_chain) / (j_opt - j_chain),
            "policy_reward": j_pol.reward, "policy_kl": j_pol.kl, "reference_reward": j_ref.reward,
            "reference_kl": j_ref.kl, "optimal_kl": bench.objective(bench.optimal_policy(beta)[0], beta, mu).kl,
-           "policy_objective_model_reference": j_pol.reward - beta * model_kl, "policy_kl_model_reference": model_kl,
+           "policy_objective_model_reference": j_pol_model, "policy_kl_model_reference": model_kl,
+           "optimal_objective_model_reference": j_opt_model, "reference_objective_model_reference": j_ref.reward,
+           "fraction_of_optimal_gain_model_reference": (j_pol_model - j_ref.reward) / (j_opt_model - j_ref.reward),
            "markov_optimum_samples": int(len(states))}
     if jax.process_index() == 0:
         print(f"Markov benchmark (β={beta}, N={pc.horizon}, {len(states)} samples each): J(π*) = {j_opt:.3f} exact; "
