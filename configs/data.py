@@ -11,7 +11,7 @@ import ml_collections
 def data_config() -> ml_collections.ConfigDict:
     """Defaults: the known-entropy Markov source with the byte tokenizer."""
     c = ml_collections.ConfigDict()
-    c.source = 'markov'        # 'markov' | 'copy' | 'arithmetic_chat' | 'word_chat' | 'text' | 'jsonl' | 'chat_jsonl' | 'array_record'
+    c.source = 'markov'        # 'markov' | 'copy' | 'arithmetic_chat' | 'word_chat' | 'text' | 'jsonl' | 'chat_jsonl' | 'array_record' | 'markov_preference' | 'preference_jsonl' (pairs: lm/data/preference.py)
     c.tokenizer = 'byte'       # 'byte' (UTF-8 bytes + 7 specials, vocab 263) | path to tokenizer.json | path to SentencePiece .model
     c.on_error = 'raise'       # bad record: 'raise' (error naming file:line) | 'skip' (drop it and count it in error_counts())
     c.packing = 'auto'         # 'concat' (fill rows in order, split across rows) | 'first_fit' (whole chunks, first row with room) | 'auto' (first_fit for chat sources, else concat)
@@ -72,6 +72,25 @@ def data_config() -> ml_collections.ConfigDict:
     c.array_record = ml_collections.ConfigDict()
     c.array_record.train_files = ''  # globs of shards written by `python -m lm.data.prepare` (metadata.json beside them)
     c.array_record.valid_files = ''  # globs for the valid split ('' = hold out valid_fraction of train records)
+
+    # preference pairs (lm/data/preference.py): one pair per row, batches {'chosen', 'rejected'}
+    c.markov_preference = ml_collections.ConfigDict()  # the known-optimum benchmark on the chain of data.markov
+    c.markov_preference.prompt_len = 4       # prompt characters (a window of the stationary chain; >= markov.order)
+    c.markov_preference.horizon = 8          # characters per answer, N (both answers drawn from the chain itself)
+    c.markov_preference.reward_scale = 1.0   # r(x) = Σ_t g(x_t), g = reward_scale · standard normal per character
+    c.markov_preference.reward_seed = 0      # seed of g
+    c.markov_preference.num_pairs = 20000    # train pairs (a fixed set, reshuffled every epoch)
+    c.markov_preference.num_valid_pairs = 4096  # valid pairs (disjoint seed; the evaluators read them all)
+    c.markov_preference.pair_seed = 0        # seed of the prompts, answers and Bradley–Terry labels
+    c.markov_preference.end_with_eos = False  # end each answer with a scored <|eos|> (reward models: the score then reads the last character)
+
+    c.preference_jsonl = ml_collections.ConfigDict()
+    c.preference_jsonl.train_files = ''      # globs of JSONL files, one pair per line (TRL's fields)
+    c.preference_jsonl.valid_files = ''      # globs for the valid split ('' = hold out valid_fraction of train_files)
+    c.preference_jsonl.prompt_field = 'prompt'      # text or list of messages (absent: implicit prompt, chat only)
+    c.preference_jsonl.chosen_field = 'chosen'      # text or list of assistant messages (or a whole conversation)
+    c.preference_jsonl.rejected_field = 'rejected'  # the same, the answer not preferred
+    c.preference_jsonl.text_format = 'chat'  # text pairs: 'chat' (user turn + assistant turn, chat template) | 'plain' (bos prompt answer eos)
     return c
 
 

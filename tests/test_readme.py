@@ -18,3 +18,10 @@ def test_readme_starts_with_the_two_commands():
     first = text.index("## The two commands")
     assert text.index("make train") > first and text.index("make test") > first
     assert "make test" in open(os.path.join(REPO, ".ci", "run")).read()
+
+
+def test_preference_losses_example_runs():
+    text = open(os.path.join(REPO, "README.md")).read()
+    section = text.split("## Preference losses in your own JAX project", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    exec(compile(code, "README.md", "exec"), {})

@@ -11,6 +11,7 @@ from lm.data import chat
 from lm.data.errors import check_policy
 from lm.data.packing import PACKING_MODES
 from lm.data.pipeline import DataIterator, EvalBatches, make_dataset
+from lm.data.preference import MarkovPreference, PreferenceJsonl, empty_pair_batch, make_pair_dataset
 from lm.data.sources import ArrayRecordSource, ChatJsonlSource, JsonlSource, TextSource
 from lm.data.synthetic import ArithmeticChat, CopyDocs, MarkovDocs, WordChat
 from lm.data.tokenizer import Tokenizer, load_tokenizer
@@ -24,7 +25,10 @@ SOURCES = {
     'jsonl': JsonlSource,
     'chat_jsonl': ChatJsonlSource,
     'array_record': ArrayRecordSource,
+    'markov_preference': MarkovPreference,
+    'preference_jsonl': PreferenceJsonl,
 }
+PREFERENCE_SOURCES = ('markov_preference', 'preference_jsonl')  # one pair per row: batches of kind 'preference'
 SPLITS = ('train', 'valid')
 
 
@@ -65,10 +69,11 @@ def build_source(data_cfg, *, split: str, seq_len: int, seed: int, tokenizer: To
     if cfg.chat_overflow not in chat.OVERFLOW_POLICIES:
         raise ValueError(f'data.chat_overflow must be one of {chat.OVERFLOW_POLICIES}, got {cfg.chat_overflow!r}')
     tokenizer = tokenizer or build_tokenizer(cfg)
+    extra = {'markov': cfg.markov} if cfg.source == 'markov_preference' else {}  # the chain it is built on
     return SOURCES[cfg.source](
         cfg[cfg.source], split, tokenizer, seed=seed, seq_len=seq_len, add_bos=cfg.add_bos,
         add_eos=cfg.add_eos, valid_fraction=cfg.valid_fraction, loss_policy=cfg.chat_loss,
-        chat_overflow=cfg.chat_overflow)
+        chat_overflow=cfg.chat_overflow, **extra)
 
 
 def build_iterator(data_cfg, *, split: str, batch_size: int, seq_len: int, seed: int,
@@ -80,9 +85,14 @@ def build_iterator(data_cfg, *, split: str, batch_size: int, seq_len: int, seed:
       permutation drawn from (seed, e)), checkpointable with get_state()/set_state().
     split='valid': an EvalBatches: exactly data.num_valid_batches batches, the same on every
       pass and independent of `seed`.
+    Preference sources (PREFERENCE_SOURCES) give pair batches {'chosen', 'rejected'}, one pair
+    per row (lm/data/preference.py).
     """
     cfg = _as_config(data_cfg)
     check_policy(cfg.on_error)
+    if cfg.source in PREFERENCE_SOURCES:
+        return _build_pair_iterator(cfg, split=split, batch_size=batch_size, seq_len=seq_len, seed=seed,
+                                    process_index=process_index, process_count=process_count, tokenizer=tokenizer)
     packing = resolve_packing(cfg)
     if batch_size < 1 or seq_len < 1:
         raise ValueError(f'batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}')
@@ -100,6 +110,21 @@ def build_iterator(data_cfg, *, split: str, batch_size: int, seq_len: int, seed:
     make_dataset(source, **kwargs)  # fail now, not at the first eval, on an empty split
     return EvalBatches(lambda: make_dataset(source, **kwargs), num_batches=cfg.num_valid_batches,
                        batch_size=batch_size, seq_len=seq_len, pad_id=tokenizer.pad_id)
+
+
+def _build_pair_iterator(cfg, *, split, batch_size, seq_len, seed, process_index, process_count, tokenizer):
+    if batch_size < 1 or seq_len < 1:
+        raise ValueError(f'batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}')
+    if not 0 <= process_index < process_count:
+        raise ValueError(f'need 0 <= process_index < process_count, got {process_index}, {process_count}')
+    tokenizer = tokenizer or build_tokenizer(cfg)
+    source = build_source(cfg, split=split, seq_len=seq_len, seed=seed, tokenizer=tokenizer)
+    kwargs = dict(split=split, batch_size=batch_size, seq_len=seq_len, seed=seed, process_index=process_index,
+                  process_count=process_count, on_error=cfg.on_error, pad_id=tokenizer.pad_id)
+    if split == 'train':
+        return DataIterator(make_pair_dataset(source, **kwargs))
+    return EvalBatches(lambda: make_pair_dataset(source, **kwargs), num_batches=cfg.num_valid_batches,
+                       batch_size=batch_size, seq_len=seq_len, pad_id=tokenizer.pad_id, empty=empty_pair_batch)
 
 
 def source_info(data_cfg, *, seq_len: int) -> dict:

@@ -27,6 +27,7 @@ ERROR_KINDS = (
     'malformed_record',     # a pre-tokenized record whose bytes are not whole tokens
     'conversation_too_long',  # a chat that cannot fit one row (data.chat_overflow='drop', or its last answer alone)
     'history_truncated',    # NOT skipped: a chat kept with its oldest turns cut to fit a row (counted always)
+    'identical_answers',    # a preference pair whose chosen and rejected answers are the same
 )
 ERROR_INDEX = {kind: i for i, kind in enumerate(ERROR_KINDS)}
 ON_ERROR_POLICIES = ('raise', 'skip')

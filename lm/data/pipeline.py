@@ -152,7 +152,7 @@ class DataIterator:
         batch = next(self._iterator)
         self._errors = self._errors + np.asarray(batch['_errors'], np.int64)
         self._batches += 1
-        return {key: batch[key] for key in BATCH_KEYS}
+        return {key: value for key, value in batch.items() if key != '_errors'}
 
     def get_state(self) -> dict[str, Any]:
         return {'pipeline': self._iterator.get_state(), 'batches': self._batches,
@@ -188,12 +188,13 @@ class EvalBatches:
     (loss_mask 0), so every process yields the same number of batches."""
 
     def __init__(self, make_dataset_fn: Callable[[], grain.IterDataset], *, num_batches: int,
-                 batch_size: int, seq_len: int, pad_id: int):
+                 batch_size: int, seq_len: int, pad_id: int, empty: Callable | None = None):
         if num_batches < 1:
             raise ValueError(f'data.num_valid_batches must be >= 1, got {num_batches}')
         self._make = make_dataset_fn
         self._num_batches, self._shape = num_batches, (batch_size, seq_len, pad_id)
         self._errors = zero_counts()
+        self._empty = empty or empty_batch  # (B, T, pad_id) -> an all-padding batch of this kind
 
     def __len__(self) -> int:
         return self._num_batches
@@ -202,7 +203,7 @@ class EvalBatches:
         iterator = DataIterator(self._make())
         for _ in range(self._num_batches):
             batch = next(iterator, None)
-            yield batch if batch is not None else empty_batch(*self._shape)
+            yield batch if batch is not None else self._empty(*self._shape)
         self._errors = iterator._errors  # pylint: disable=protected-access
         iterator.close()
 

@@ -5,6 +5,8 @@ one computes sums and divides once. Objectives do no I/O; evaluators print on pr
     loss.py         validation loss, perplexity, accuracy (the loop runs it; not in the list)
     samples.py      "samples": a few continuations printed
     exact_match.py  "exact_match": greedy answers on held-out synthetic chat prompts
+    pairwise_accuracy.py  "pairwise_accuracy": a reward model on held-out pairs (and vs Bayes on Markov)
+    markov_optimum.py     "markov_optimum": a policy's KL-regularized objective vs the exact optimum
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-EVALUATORS = {"samples": "lm.evals.samples", "exact_match": "lm.evals.exact_match"}
+EVALUATORS = {"samples": "lm.evals.samples", "exact_match": "lm.evals.exact_match",
+              "pairwise_accuracy": "lm.evals.pairwise_accuracy", "markov_optimum": "lm.evals.markov_optimum"}
 
 
 @dataclasses.dataclass

@@ -9,8 +9,13 @@ import jax.numpy as jnp
 from lm.losses import mean_of
 
 
+_KNOWN = ("nll_sum", "correct_sum", "z_loss_sum", "objective_sum")
+
+
 def summary_metrics(sums: dict) -> dict:
-    """Means from sums: nll (→ perplexity), token accuracy, z-loss; each 0 when count is 0."""
+    """Means from sums: nll (→ perplexity), token accuracy, z-loss, and `<name>` for every other
+    `<name>_sum` (e.g. DPO's 'rewards/margins_sum'); each 0 when count is 0. The objective's own
+    mean is the step's / evaluation's `loss`."""
     count = sums["count"]
     out = {}
     if "nll_sum" in sums:
@@ -20,6 +25,9 @@ def summary_metrics(sums: dict) -> dict:
         out["accuracy"] = mean_of(sums["correct_sum"], count)
     if "z_loss_sum" in sums:
         out["z_loss"] = mean_of(sums["z_loss_sum"], count)
+    for key in sums:  # any other per-count sum an objective reports, e.g. 'margin_sum' → 'margin'
+        if key.endswith("_sum") and key not in _KNOWN:
+            out[key[:-4]] = mean_of(sums[key], count)
     return out
 
 
