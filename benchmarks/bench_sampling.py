@@ -5,8 +5,8 @@ vocabulary 264 (tied embeddings). A random 16-token prompt per row, 512 generate
 (temperature 1, top-p 0.95, no stop ids, so every row runs to the end), batch 1 and 8.
 
 * cached: `lm.sampling.generate_batch` (prefill + one jitted while_loop over the cache), with the
-  layers unrolled over per-layer parameter copies (the CPU default) and through `model.decode`
-  (a scan over the stacked layers; one timed run). Total time is the best of `--repeats` runs
+  the decode layout's per-layer modules (lm/model/cpu.py, the CPU default) and its stacked blocks
+  under a scan (one timed run). Total time is the best of `--repeats` runs
   after a compiling warm-up; per-token times come from as many runs in chunks of 32 tokens (the
   best run of each chunk): the first and last 128 tokens (chunk 1 includes the prefill) and the
   steady state (median chunk after the first). Every time here is a best of several runs and every
@@ -182,7 +182,7 @@ def main(argv=None):
         prompts = make_prompts(batch, args.prompt_len)
         recompute, re_first, re_last = time_recompute(graphdef, params, prompts, cfg, args.new_tokens,
                                                       args.recompute_reps, args.full_recompute)
-        for unroll, name in ((True, "cached, layers unrolled (CPU default)"), (False, "cached, model.decode (scan)")):
+        for unroll, name in ((True, "cached, per-layer (CPU default)"), (False, "cached, stacked (scan)")):
             repeats = args.repeats if unroll else 1  # the scan path is shown for comparison only
             cached, first, last, steady = time_cached(graphdef, params, prompts, cfg, repeats, unroll)
             rows.append((batch, name, cached, first, last, steady))
