@@ -83,6 +83,7 @@ def data_config() -> ml_collections.ConfigDict:
     c.markov_preference.num_valid_pairs = 4096  # valid pairs (disjoint seed; the evaluators read them all)
     c.markov_preference.pair_seed = 0        # seed of the prompts, answers and Bradley–Terry labels
     c.markov_preference.end_with_eos = False  # end each answer with a scored <|eos|> (reward models: the score then reads the last character)
+    c.markov_preference.ref_logprobs = False  # batches carry the chain's own log P of each answer token (DPO's dpo.reference='data')
 
     c.preference_jsonl = ml_collections.ConfigDict()
     c.preference_jsonl.train_files = ''      # globs of JSONL files, one pair per line (TRL's fields)

@@ -27,6 +27,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     d.beta = 1.0  # β: KL-regularization strength (also the benchmark's β in J)
     d.loss_type = "sigmoid"  # 'sigmoid' (DPO) | 'robust' | 'hinge' | 'ipo' | 'reference_free' (lm.losses.dpo_loss)
     d.label_smoothing = 0.0  # ε: cDPO / robust label-noise rate (0: plain DPO)
+    # 'model': the frozen starting policy; 'data': the log-probabilities the data carries (here the true
+    # chain's, data.markov_preference.ref_logprobs), so DPO's optimum is exactly the benchmark's π*
+    d.reference = "data" if arg != "tiny" else "model"
+    c.data.markov_preference.ref_logprobs = d.reference == "data"  # the chain's log P of every answer token
     if arg != "tiny":
         c.data.markov_preference.num_pairs = 100000  # train pairs: 20,000 gave 0.63 of the gain, 100,000 0.78
         c.train.batch_size = 128  # pairs per step (1000 steps ≈ 1.3 epochs)

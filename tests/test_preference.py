@@ -18,6 +18,7 @@ from configs.data import data_config
 from configs import reward as reward_config
 from lm import data as D
 from lm import losses, train
+from lm.data import batch as contract
 from lm.data import chat
 from lm.data.tokenizer import ByteTokenizer
 from lm.model import ModelConfig, RewardModel, Transformer
@@ -171,6 +172,31 @@ def test_dpo_step0_is_ln2_and_split_invariant(pair_batch):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), whole, split)
     total = sum(float(h[0][0]) for h in halves)
     assert math.isclose(total, float(whole_obj), rel_tol=1e-5) and total / 8 != pytest.approx(math.log(2))
+
+
+def test_dpo_against_the_datas_reference_uses_the_chains_own_logprobs():
+    """dpo.reference='data': each answer token carries log P(x_t | state) of the true chain, and the
+    loss is dpo_loss with those summed as the reference log-probabilities."""
+    config = dpo_config.get_config("tiny")
+    config.dpo.reference, config.data.markov_preference.ref_logprobs = "data", True
+    source = D.build_source(config.data, split="valid", seq_len=12, seed=0, tokenizer=TOK)
+    batch = next(iter(D.build_iterator(config.data, split="valid", batch_size=8, seq_len=12, seed=0)))
+    contract.check({k: v for k, v in batch.items() if k != "_errors"}, "preference_ref")
+    p = config.data.markov_preference.prompt_len
+    for side, answers in (("chosen", source.pairs.chosen), ("rejected", source.pairs.rejected)):
+        want = source.bench.token_logprobs(answers[:8], source.start_states[:8])
+        got = batch[side]["ref_logprobs"][:, p - 1:p - 1 + want.shape[1]]  # aligned with targets
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+        assert np.all(batch[side]["ref_logprobs"][batch[side]["loss_mask"] == 0] == 0)
+    model = Transformer(CFG, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    assert dpo.frozen_models(config, CFG) == {} and dpo.batch_kind(config) == "preference_ref"
+    obj, sums = jax.jit(dpo.make_loss_fn(config, graphdef))(params, batch, None, {})
+    pol_c, pol_r, _ = dpo.answer_logprobs(model, batch)
+    ref_c, ref_r = (losses.sequence_logprobs(batch[s]["ref_logprobs"], batch[s]["loss_mask"]) for s in ("chosen", "rejected"))
+    want = losses.dpo_loss(pol_c, pol_r, ref_c, ref_r, beta=config.dpo.beta)
+    np.testing.assert_allclose(obj, want.sum, rtol=1e-5)
+    assert float(sums["count"]) == 8
 
 
 def test_dpo_training_moves_the_policy_and_never_the_reference(pair_batch):

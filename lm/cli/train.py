@@ -65,7 +65,7 @@ def train_and_report(config: ml_collections.ConfigDict, workdir: str) -> dict:
                       train_iter=train_iter, valid_batches=valid_batches,
                       make_model=objectives.make_model(objective, config, model_cfg),
                       frozen=objectives.frozen_models(objective, config, model_cfg),
-                      batch_kind=objectives.batch_kind(objective))
+                      batch_kind=objectives.batch_kind(objective, config))
     info = data.source_info(config.data, seq_len=tc.seq_len)
     summary = report.summarize(config, model_cfg, result, info)
     ctx = evals.EvalContext(config=config, workdir=workdir, tokenizer=tokenizer, graphdef=result.setup.graphdef,

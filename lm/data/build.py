@@ -5,6 +5,8 @@ Imported lazily through `lm.data` (see lm/data/__init__.py).
 
 from __future__ import annotations
 
+import functools
+
 import ml_collections
 
 from lm.data import chat
@@ -12,6 +14,7 @@ from lm.data.errors import check_policy
 from lm.data.packing import PACKING_MODES
 from lm.data.pipeline import DataIterator, EvalBatches, make_dataset
 from lm.data.preference import MarkovPreference, PreferenceJsonl, empty_pair_batch, make_pair_dataset
+from lm.data.preference import batch_kind as pair_batch_kind
 from lm.data.sources import ArrayRecordSource, ChatJsonlSource, JsonlSource, TextSource
 from lm.data.synthetic import ArithmeticChat, CopyDocs, MarkovDocs, WordChat
 from lm.data.tokenizer import Tokenizer, load_tokenizer
@@ -124,7 +127,8 @@ def _build_pair_iterator(cfg, *, split, batch_size, seq_len, seed, process_index
     if split == 'train':
         return DataIterator(make_pair_dataset(source, **kwargs))
     return EvalBatches(lambda: make_pair_dataset(source, **kwargs), num_batches=cfg.num_valid_batches,
-                       batch_size=batch_size, seq_len=seq_len, pad_id=tokenizer.pad_id, empty=empty_pair_batch)
+                       batch_size=batch_size, seq_len=seq_len, pad_id=tokenizer.pad_id,
+                       empty=functools.partial(empty_pair_batch, kind=pair_batch_kind(source)))
 
 
 def source_info(data_cfg, *, seq_len: int) -> dict:

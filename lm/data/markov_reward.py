@@ -214,14 +214,18 @@ class MarkovReward:
             sequences[:, t], state = sym, self.next_state[state, sym]
         return sequences, logp
 
-    def reference_logprobs(self, sequences, start_states) -> np.ndarray:
-        """log π_ref(x) = Σ_t log P(x_t | s_t): ``[M]``."""
+    def token_logprobs(self, sequences, start_states) -> np.ndarray:
+        """log P(x_t | s_t) of each character under the chain: ``[M, N]``."""
         sequences, state = np.asarray(sequences), np.array(start_states, np.int64)
-        logp = np.zeros(len(state))
+        logp = np.zeros(sequences.shape)
         for t in range(sequences.shape[1]):
-            logp += np.log(self.transitions[state, sequences[:, t]])
+            logp[:, t] = np.log(self.transitions[state, sequences[:, t]])
             state = self.next_state[state, sequences[:, t]]
         return logp
+
+    def reference_logprobs(self, sequences, start_states) -> np.ndarray:
+        """log π_ref(x) = Σ_t log P(x_t | s_t): ``[M]``."""
+        return self.token_logprobs(sequences, start_states).sum(axis=1)
 
     def monte_carlo_objective(self, sequences, policy_logprobs, start_states, beta: float):
         """Unbiased estimate of J(π) from the policy's own samples (any policy, e.g. a trained LM).

@@ -69,7 +69,10 @@ def pair_row(doc: dict, seq_len: int, pad_id: int) -> dict:
     the batch contract: dict of [T] arrays."""
     tokens, weights = doc['tokens'], doc['weights']
     n = len(tokens) - 1
-    row = {key: np.zeros(seq_len, dtype) for key, dtype in contract.FIELDS.items()}
+    fields = {**contract.FIELDS, **(contract.REFERENCE_FIELD if 'ref_logprobs' in doc else {})}
+    row = {key: np.zeros(seq_len, dtype) for key, dtype in fields.items()}
+    if 'ref_logprobs' in doc:  # log π_ref of each token given the ones before it: aligned with targets
+        row['ref_logprobs'][:n] = doc['ref_logprobs'][1:]
     row['inputs'][:] = row['targets'][:] = pad_id
     row['inputs'][:n], row['targets'][:n] = tokens[:-1], tokens[1:]
     row['loss_mask'][:n] = weights[1:]
@@ -78,9 +81,9 @@ def pair_row(doc: dict, seq_len: int, pad_id: int) -> dict:
     return row
 
 
-def empty_pair_batch(batch_size: int, seq_len: int, pad_id: int) -> dict:
-    """All-padding pair batch (loss_mask 0, segment_ids 0): [B, T] leaves."""
-    out = contract.spec('preference', batch_size, seq_len)
+def empty_pair_batch(batch_size: int, seq_len: int, pad_id: int, kind: str = 'preference') -> dict:
+    """All-padding pair batch of `kind` (loss_mask 0, segment_ids 0): [B, T] leaves."""
+    out = contract.spec(kind, batch_size, seq_len)
     for side in contract.PAIR:
         out[side]['inputs'][:] = out[side]['targets'][:] = pad_id
     return out
@@ -102,15 +105,15 @@ class PairBatchIterator(grain.DatasetIterator):
     """B pairs per batch from a parent yielding pair documents or {'error': kind_index} markers.
     A finite parent ends with a padded partial batch. State: the parent's (between batches)."""
 
-    def __init__(self, parent, *, batch_size: int, seq_len: int, pad_id: int):
+    def __init__(self, parent, *, batch_size: int, seq_len: int, pad_id: int, kind: str = 'preference'):
         super().__init__(parent)
-        self._b, self._t, self._pad = batch_size, seq_len, pad_id
+        self._b, self._t, self._pad, self._kind = batch_size, seq_len, pad_id, kind
         self._exhausted = False
 
     def __next__(self) -> dict:
         if self._exhausted:
             raise StopIteration
-        out = empty_pair_batch(self._b, self._t, self._pad)
+        out = empty_pair_batch(self._b, self._t, self._pad, self._kind)
         errors, row = zero_counts(), 0
         while row < self._b:
             try:
@@ -168,7 +171,13 @@ def make_pair_dataset(source, *, split: str, batch_size: int, seq_len: int, seed
     if split == 'train':
         ds = EpochShuffleMapDataset(ds, seed)
     ds = ds.map(lambda i: _load_pair(source, on_error, i))
-    return PairBatchDataset(ds.to_iter_dataset(), batch_size=batch_size, seq_len=seq_len, pad_id=pad_id)
+    return PairBatchDataset(ds.to_iter_dataset(), batch_size=batch_size, seq_len=seq_len, pad_id=pad_id,
+                            kind=batch_kind(source))
+
+
+def batch_kind(source) -> str:
+    """'preference_ref' for a source whose documents carry reference log-probabilities, else 'preference'."""
+    return 'preference_ref' if getattr(source, 'ref_logprobs', False) else 'preference'
 
 
 # -- the Markov benchmark ---------------------------------------------------------------------------
@@ -227,6 +236,10 @@ class MarkovPreference:
         self.start_states = np.array([state_of(p, order=k, num_symbols=s) for p in self.prompts], np.int64)
         self.pairs = self.bench.preference_pairs(self.start_states, seed=data_seed + [1])
         self.alphabet_ids = tokenizer.encode_array(markov.alphabet).astype(np.int32)
+        self.ref_logprobs = bool(cfg.ref_logprobs)
+        if self.ref_logprobs and cfg.end_with_eos:
+            raise ValueError('data.markov_preference.ref_logprobs: the chain gives no probability to <|eos|>; '
+                             'turn end_with_eos off')
         self._chosen, self._rejected = self.pairs.chosen, self.pairs.rejected
         self._weights = np.concatenate([np.zeros(cfg.prompt_len), np.ones(cfg.horizon + len(self.end))]).astype(np.float32)
 
@@ -240,8 +253,13 @@ class MarkovPreference:
 
     def document(self, i: int) -> dict:
         prompt = self.prompts[i:i + 1]
-        return {side: {'tokens': self.tokens(prompt, answers[i:i + 1])[0], 'weights': self._weights}
-                for side, answers in (('chosen', self._chosen), ('rejected', self._rejected))}
+        out = {side: {'tokens': self.tokens(prompt, answers[i:i + 1])[0], 'weights': self._weights}
+               for side, answers in (('chosen', self._chosen), ('rejected', self._rejected))}
+        if self.ref_logprobs:  # the chain's log P(x_t | state) of each answer character, 0 on the prompt
+            for side, answers in (('chosen', self._chosen), ('rejected', self._rejected)):
+                out[side]['ref_logprobs'] = np.concatenate([np.zeros(self.prompts.shape[1]), self.bench.token_logprobs(
+                    answers[i:i + 1], self.start_states[i:i + 1])[0]]).astype(np.float32)
+        return out
 
 
 # -- JSONL ------------------------------------------------------------------------------------------

@@ -105,8 +105,15 @@ def evaluate(ctx) -> dict:
         return _sample_all(sample, params, prompt_tokens, jax.random.fold_in(key, salt), bs)
 
     reference = ctx.frozen.get("reference")
+    if reference is None and config.train.init_from:  # the reference log-probs came with the data: the
+        # starting model is still the one the gain is measured from
+        from lm.io import checkpoint as ckpt
+
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), ctx.params)
+        reference = ckpt.restore_params(config.train.init_from, target).tree
     if reference is None:
-        raise ValueError("markov_optimum needs the frozen reference policy (the dpo objective's)")
+        raise ValueError("markov_optimum needs the starting policy: the dpo objective's frozen reference, "
+                         "or train.init_from")
     pol_syms, pol_logp = sample_all(ctx.params, 0)
     ref_syms, ref_logp = sample_all(reference, 1)
     j_pol = bench.monte_carlo_objective(pol_syms, pol_logp, states, beta)

@@ -6,6 +6,7 @@ lm/train/step.py): a sum over scored tokens (or pairs, or sequences) and a dict 
 includes `count`. A module may also define
 
     BATCH_KIND = "tokens" | "preference"         the batch it reads (lm/data/batch.py); default tokens
+    batch_kind(config) -> kind                   instead, where the config decides
     make_model(config, model_cfg) -> factory     what it trains (default: a Transformer of model_cfg)
     frozen_models(config, model_cfg) -> {name: lm.train.FrozenModel}   models its loss reads, frozen
 
@@ -27,8 +28,10 @@ def get(name: str):
     return importlib.import_module(f"lm.objectives.{name}")
 
 
-def batch_kind(objective) -> str:
-    return getattr(objective, "BATCH_KIND", "tokens")
+def batch_kind(objective, config=None):
+    """The batch the objective reads: its batch_kind(config), or BATCH_KIND (default 'tokens')."""
+    fn = getattr(objective, "batch_kind", None)
+    return fn(config) if callable(fn) else getattr(objective, "BATCH_KIND", "tokens")
 
 
 def make_model(objective, config, model_cfg):

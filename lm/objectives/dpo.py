@@ -12,10 +12,14 @@ summed over pairs, count = Σ w (w = 1 for a pair whose rows both score a token)
 with enough pairs labelled by Bradley–Terry with a reward r, is π* ∝ π_ref·exp(r/β): the optimum
 of E_π[r] − β·KL(π‖π_ref).
 
-The reference is the frozen starting policy: `frozen_models` gives {'reference':
-FrozenModel(path=config.train.init_from)}, the same run whose parameters start the policy, so at
-step 0 π = π_ref, every ρ is 0 and the sigmoid loss is ln 2. Its log-probabilities are computed
-on the fly, in the same step, without gradient (the trainer never updates frozen parameters).
+The reference (config.dpo.reference):
+  'model'  the frozen starting policy: `frozen_models` gives {'reference':
+           FrozenModel(path=config.train.init_from)}, the same run whose parameters start the
+           policy, so at step 0 π = π_ref, every ρ is 0 and the sigmoid loss is ln 2. Its
+           log-probabilities are computed on the fly, in the same step, without gradient.
+  'data'   log-probabilities precomputed by the data for every token (`ref_logprobs`, batch kind
+           'preference_ref'): on the Markov benchmark, the true chain's, so that DPO's optimum is
+           exactly the benchmark's π* ∝ chain·exp(r/β) and not the pretrained model's tilt.
 
 Metrics: TRL's names: rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins (means
 of β·ρ); logps/chosen, logps/rejected (mean summed log π of the answers). After training, the
@@ -36,12 +40,19 @@ from lm.losses.preference import DPO_LOSS_TYPES
 from lm.objectives.reward import both_sides, pair_weights
 from lm.train.state import FrozenModel
 
-BATCH_KIND = "preference"
+REFERENCES = ("model", "data")
+
+
+def batch_kind(config: Any) -> str:
+    return "preference_ref" if config.dpo.reference == "data" else "preference"
 
 
 def frozen_models(config: Any, model_cfg) -> dict:
     """The reference policy: the starting model (train.init_from), frozen. With no init_from it is
-    freshly initialized from config.seed, i.e. the same parameters the policy starts from."""
+    freshly initialized from config.seed, i.e. the same parameters the policy starts from. None
+    when the reference log-probabilities come with the data or there is no reference."""
+    if config.dpo.reference == "data" or config.dpo.loss_type == "reference_free":
+        return {}
     return {"reference": FrozenModel(make_model=model_cfg, path=config.train.init_from)}
 
 
@@ -62,12 +73,21 @@ def make_loss_fn(config: Any, graphdef: Any):
     if dc.loss_type not in DPO_LOSS_TYPES:
         raise ValueError(f"config.dpo.loss_type must be one of {DPO_LOSS_TYPES}, "
                          f"got {dc.loss_type!r}")
+    if dc.reference not in REFERENCES:
+        raise ValueError(f"config.dpo.reference must be one of {REFERENCES}, got {dc.reference!r}")
+    if dc.reference == "data" and not (config.data.source == "markov_preference"
+                                       and config.data.markov_preference.ref_logprobs):
+        raise ValueError("config.dpo.reference='data' needs batches with reference log-probabilities: "
+                         "data.source='markov_preference' with data.markov_preference.ref_logprobs=True")
 
     def loss_fn(params, batch, rng, frozen=None):
         del rng
         pol_c, pol_r, counts = answer_logprobs(nnx.merge(graphdef, params), batch)
         if dc.loss_type == "reference_free":
             ref_c = ref_r = None
+        elif dc.reference == "data":
+            ref_c, ref_r = (losses.sequence_logprobs(batch[side]["ref_logprobs"], batch[side]["loss_mask"])
+                            for side in ("chosen", "rejected"))
         else:
             if not frozen or "reference" not in frozen:
                 raise ValueError("the dpo objective needs the frozen reference policy (frozen['reference'])")
