@@ -97,12 +97,7 @@ def build_iterator(data_cfg, *, split: str, batch_size: int, seq_len: int, seed:
         return _build_pair_iterator(cfg, split=split, batch_size=batch_size, seq_len=seq_len, seed=seed,
                                     process_index=process_index, process_count=process_count, tokenizer=tokenizer)
     packing = resolve_packing(cfg)
-    if batch_size < 1 or seq_len < 1:
-        raise ValueError(f'batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}')
-    if not 0 <= process_index < process_count:
-        raise ValueError(f'need 0 <= process_index < process_count, got {process_index}, {process_count}')
-    tokenizer = tokenizer or build_tokenizer(cfg)
-    source = build_source(cfg, split=split, seq_len=seq_len, seed=seed, tokenizer=tokenizer)
+    tokenizer, source = _checked_source(cfg, split, batch_size, seq_len, seed, process_index, process_count, tokenizer)
     kwargs = dict(split=split, batch_size=batch_size, seq_len=seq_len, seed=seed,
                   process_index=process_index, process_count=process_count, packing=packing,
                   on_error=cfg.on_error, pad_id=tokenizer.pad_id, group_size=cfg.group_size,
@@ -115,13 +110,18 @@ def build_iterator(data_cfg, *, split: str, batch_size: int, seq_len: int, seed:
                        batch_size=batch_size, seq_len=seq_len, pad_id=tokenizer.pad_id)
 
 
-def _build_pair_iterator(cfg, *, split, batch_size, seq_len, seed, process_index, process_count, tokenizer):
+def _checked_source(cfg, split, batch_size, seq_len, seed, process_index, process_count, tokenizer):
+    """(tokenizer, source) after checking the batch shape and the process index."""
     if batch_size < 1 or seq_len < 1:
         raise ValueError(f'batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}')
     if not 0 <= process_index < process_count:
         raise ValueError(f'need 0 <= process_index < process_count, got {process_index}, {process_count}')
     tokenizer = tokenizer or build_tokenizer(cfg)
-    source = build_source(cfg, split=split, seq_len=seq_len, seed=seed, tokenizer=tokenizer)
+    return tokenizer, build_source(cfg, split=split, seq_len=seq_len, seed=seed, tokenizer=tokenizer)
+
+
+def _build_pair_iterator(cfg, *, split, batch_size, seq_len, seed, process_index, process_count, tokenizer):
+    tokenizer, source = _checked_source(cfg, split, batch_size, seq_len, seed, process_index, process_count, tokenizer)
     kwargs = dict(split=split, batch_size=batch_size, seq_len=seq_len, seed=seed, process_index=process_index,
                   process_count=process_count, on_error=cfg.on_error, pad_id=tokenizer.pad_id)
     if split == 'train':
