@@ -10,7 +10,9 @@ from lm.losses import mean_of
 
 
 def summary_metrics(sums: dict) -> dict:
-    """Means from sums: nll (→ perplexity), token accuracy, z-loss; each 0 when count is 0."""
+    """Means from sums: nll (→ perplexity), token accuracy, z-loss; each 0 when count is 0. An
+    objective may add `sums["means"] = {name: (numerator sum, denominator sum)}`: each is summed
+    over micro-batches like every sum and reported as numerator / denominator."""
     count = sums["count"]
     out = {}
     if "nll_sum" in sums:
@@ -20,6 +22,8 @@ def summary_metrics(sums: dict) -> dict:
         out["accuracy"] = mean_of(sums["correct_sum"], count)
     if "z_loss_sum" in sums:
         out["z_loss"] = mean_of(sums["z_loss_sum"], count)
+    for name, (numerator, denominator) in sums.get("means", {}).items():  # an objective's own ratios
+        out[name] = mean_of(numerator, denominator)
     return out
 
 
