@@ -5,6 +5,7 @@ one computes sums and divides once. Objectives do no I/O; evaluators print on pr
     loss.py         validation loss, perplexity, accuracy (the loop runs it; not in the list)
     samples.py      "samples": a few continuations printed
     exact_match.py  "exact_match": greedy answers on held-out synthetic chat prompts
+    rl.py           "rl_exact_match": the same for an RL policy and its frozen reference (SFT)
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-EVALUATORS = {"samples": "lm.evals.samples", "exact_match": "lm.evals.exact_match"}
+EVALUATORS = {"samples": "lm.evals.samples", "exact_match": "lm.evals.exact_match", "rl_exact_match": "lm.evals.rl"}
 
 
 @dataclasses.dataclass
