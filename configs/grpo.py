@@ -12,15 +12,16 @@ train.seq_len tokens holds the left-padded prompt (seq_len − rl.max_new_tokens
 completion. After training the rl_exact_match evaluator reports the held-out greedy exact match
 of the policy (rl_exact_match) and of the reference (sft_exact_match).
 
-Args: '' (word chat), 'arithmetic', 'tiny' (a random tiny model learning a character-fraction
-reward: seconds).
+Args: '' (word chat), 'arithmetic', 'markov' (the Markov known-optimum task, from a pretraining
+run of configs/default.py on the same chain: see experiments/rl.md), 'tiny' (a random tiny model
+learning a character-fraction reward: seconds).
 """
 
 import ml_collections
 
 from configs import base
 
-ARGS = ("", "tiny", "arithmetic")
+ARGS = ("", "tiny", "arithmetic", "markov")
 
 
 def rl_config() -> ml_collections.ConfigDict:
@@ -47,6 +48,7 @@ def rl_config() -> ml_collections.ConfigDict:
     rl.clip_eps_high = 0.0  # ε_high (DAPO clip-higher); 0: = clip_eps
     rl.kl_coef = 0.02  # β: weight of the per-token KL to the reference
     rl.kl_estimator = "k3"  # 'k1' (log ratio) or 'k3' (ρ − log ρ − 1, ≥ 0)
+    rl.kl_penalty = "loss"  # 'loss': β·KL_t in the policy loss; 'reward': β·(sampled KL) subtracted from the reward
     rl.normalize = "sequence"  # policy-loss normalization: 'sequence' (GRPO), 'token' (DAPO), 'constant'
     # PPO only (lm/objectives/ppo.py)
     rl.gamma = 1.0  # discount of GAE
@@ -104,6 +106,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg == "arithmetic":
         c.data.source = "arithmetic_chat"
         c.eval.exact_match.max_answer_tokens = 8
+    elif arg == "markov":  # lm/data/markov_reward.py: r(x) = Σ g(x_t), known KL-regularized optimum
+        c.data.source = "markov"  # prompts: a start state's characters (lm/data/prompts.py: MarkovPrompts)
+        c.data.markov.alphabet = "abcdefgh"  # 8 characters
+        c.data.markov.order = 1  # 8 states
+        c.model.num_kv_heads = 2  # configs/default.py's shape (the pretraining run of init_from)
+        c.model.scan_layers = False  # as configs/default.py
+        c.rl.stop = "none"  # every completion is N characters
+        c.rl.max_new_tokens = 8  # N, the horizon
+        c.rl.max_answer_tokens = 1  # no answers
+        c.rl.reward = "markov"
+        c.rl.reward_options.alphabet = "abcdefgh"  # = data.markov.alphabet
+        c.rl.kl_coef = 0.5  # β of J = E[r] − β·KL(π‖π_ref)
+        c.rl.kl_penalty = "reward"  # the sampled KL in the reward: the gradient of J itself
+        c.train.seq_len = 16  # prompt (1 character, left-padded) + 8
+        c.train.steps = 150
+        c.optimizer.lr = 3e-4
+        c.eval.evaluators = "markov_gain"  # fraction of the optimal gain (lm/evals/rl.py)
+        c.eval.exact_match.examples = 2000  # samples per Monte Carlo estimate of J
     elif arg == "tiny":  # a random tiny model learns to write letters (char_fraction): seconds
         c.model.d_model = 32
         c.model.num_layers = 1

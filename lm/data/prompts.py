@@ -81,3 +81,28 @@ class PromptIterator:
 
     def set_state(self, state: dict[str, int]) -> None:
         self._next = int(state["next_index"])
+
+
+class MarkovPrompts:
+    """Prompts of the Markov reward task (lm/data/markov_reward.py): example i is the `order`
+    characters of a start state drawn from the chain's stationary distribution (seeded by
+    (seed, split, i)); the completion continues the chain. `example(i)` → {'prompt': token ids
+    (one byte token per character), 'answer': '', 'start_state': s}."""
+
+    def __init__(self, markov_cfg: Any, split: str, *, seed: int):
+        from lm.data.markov import MarkovSource
+
+        self.source = MarkovSource(alphabet=markov_cfg.alphabet, order=markov_cfg.order,
+                                   concentration=markov_cfg.concentration, seed=markov_cfg.seed)
+        self.split_key = {"train": 0, "valid": 1}[split]
+        self.seed = seed
+
+    def start_state(self, i: int) -> int:
+        from lm.data.markov_reward import draw_start_states
+
+        return int(draw_start_states(self.source.stationary, 1, seed=[self.seed, self.split_key, int(i)])[0])
+
+    def example(self, i: int) -> dict:
+        s, k, n = self.start_state(i), self.source.order, self.source.num_symbols
+        digits = [(s // n**(k - 1 - j)) % n for j in range(k)]  # base-S digits, oldest first
+        return {"prompt": [ord(self.source.alphabet[d]) for d in digits], "answer": "", "start_state": s}

@@ -5,7 +5,8 @@ one computes sums and divides once. Objectives do no I/O; evaluators print on pr
     loss.py         validation loss, perplexity, accuracy (the loop runs it; not in the list)
     samples.py      "samples": a few continuations printed
     exact_match.py  "exact_match": greedy answers on held-out synthetic chat prompts
-    rl.py           "rl_exact_match": the same for an RL policy and its frozen reference (SFT)
+    rl.py           "rl_exact_match": the same for an RL policy and its frozen reference (SFT);
+                    "markov_gain": the fraction of the optimal KL-regularized gain on the Markov task
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-EVALUATORS = {"samples": "lm.evals.samples", "exact_match": "lm.evals.exact_match", "rl_exact_match": "lm.evals.rl"}
+EVALUATORS = {"samples": "lm.evals.samples", "exact_match": "lm.evals.exact_match", "rl_exact_match": "lm.evals.rl",
+              "markov_gain": "lm.evals.rl:markov_gain"}
 
 
 @dataclasses.dataclass
@@ -45,5 +47,6 @@ def run(spec: str, ctx: EvalContext) -> dict:
     """Run the evaluators named in `spec`, in order; their summary entries merged."""
     summary: dict = {}
     for name in names(spec):
-        summary.update(importlib.import_module(EVALUATORS[name]).evaluate(ctx))
+        module, _, function = EVALUATORS[name].partition(":")  # 'module' or 'module:function'
+        summary.update(getattr(importlib.import_module(module), function or "evaluate")(ctx))
     return summary

@@ -51,6 +51,8 @@ def check(config: Any) -> None:
     if not 1 <= rc.max_new_tokens < tc.seq_len:
         raise ValueError(f"rl.max_new_tokens={rc.max_new_tokens} must be in [1, train.seq_len={tc.seq_len}): "
                          "a row holds the prompt (train.seq_len − rl.max_new_tokens tokens) and the completion")
+    if rc.kl_penalty not in ("loss", "reward"):
+        raise ValueError(f"rl.kl_penalty must be 'loss' or 'reward', got {rc.kl_penalty!r}")
     if rc.stop not in ("end_of_turn", "none"):
         raise ValueError(f"rl.stop must be 'end_of_turn' or 'none', got {rc.stop!r}")
 
@@ -81,8 +83,13 @@ def make_train_iter(config: Any, tokenizer: Any, *, batch_size: int, process_ind
 
     check(config)
     rc = config.rl
-    source = data.build_source(config.data, split="train", seq_len=config.train.seq_len, seed=config.seed,
-                               tokenizer=tokenizer)
+    if config.data.source == "markov":  # the Markov reward task: start states as prompts
+        from lm.data.prompts import MarkovPrompts
+
+        source = MarkovPrompts(config.data.markov, "train", seed=config.seed)
+    else:
+        source = data.build_source(config.data, split="train", seq_len=config.train.seq_len, seed=config.seed,
+                                   tokenizer=tokenizer)
     if not hasattr(source, "example"):
         raise ValueError(f"RL needs a prompt source with examples (the synthetic chat tasks or markov_prompts), "
                          f"got data.source={config.data.source!r}")
@@ -189,7 +196,7 @@ def policy_terms(config: Any, logprobs, logits, batch: dict, advantages) -> tupl
     mask = batch["loss_mask"]
     out = losses.policy_loss(logprobs, batch["old_logprobs"], advantages, mask, clip_eps=rc.clip_eps,
                              clip_eps_high=rc.clip_eps_high or None, ref_logprobs=batch["ref_logprobs"],
-                             kl_coef=rc.kl_coef, kl_estimator=rc.kl_estimator, normalize=rc.normalize,
+                             kl_coef=rc.kl_coef if rc.kl_penalty == "loss" else 0.0, kl_estimator=rc.kl_estimator, normalize=rc.normalize,
                              max_len=rc.max_new_tokens if rc.normalize == "constant" else None)
     ent = losses.entropy(jax.lax.stop_gradient(logits), mask)
     sums = {"count": out.count,
@@ -203,3 +210,13 @@ def policy_forward(graphdef: Any, params: Any, batch: dict):
     model = nnx.merge(graphdef, params)
     logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
     return losses.cross_entropy(logits, batch["targets"], batch["loss_mask"]).target_logprobs, logits
+
+
+def kl_shaped(config: Any, rewards, mask, old_logprobs, ref_logprobs):
+    """rl.kl_penalty='reward': r_i − β·Σ_t (log π_old(y_t) − log π_ref(y_t)) over row i's generated
+    tokens (the sequence's sampled KL), so that the policy gradient with a baseline is that of
+    J = E[r] − β·KL(π‖π_ref) exactly; 'loss': the rewards as they are (the KL is a loss term)."""
+    if config.rl.kl_penalty != "reward":
+        return rewards
+    log_ratio = jnp.where(mask != 0, old_logprobs - ref_logprobs, 0.0)
+    return rewards - config.rl.kl_coef * jnp.sum(mask * log_ratio, axis=1)

@@ -12,7 +12,8 @@ and the loss is lm.losses.policy_loss, per scored (generated) token t,
     ℓ_t = −min(ρ_t·A, clip(ρ_t, 1−ε, 1+ε_high)·A) + β·KL_t,   ρ_t = π_θ(y_t)/π_old(y_t)
 
 with KL_t the k1 or k3 estimate of KL(π_θ‖π_ref) against the frozen reference (the SFT model the
-policy starts from, train.init_from), normalized per rl.normalize ('sequence': GRPO's mean of
+policy starts from, train.init_from; with rl.kl_penalty='reward' the sequence's sampled KL is
+subtracted from r_i instead, _rl.kl_shaped), normalized per rl.normalize ('sequence': GRPO's mean of
 sequence means; 'token': DAPO; 'constant': Dr. GRPO). No value model.
 
 Each rollout is used for one optimizer step (micro-batches of it included), so ρ = 1 at the
@@ -56,7 +57,8 @@ def make_prepare_batch(config: Any, setup: Any, tokenizer: Any):
         old, logits = _rl.policy_forward(setup.graphdef, params, seq)
         ref, _ = _rl.policy_forward(ref_graphdef, frozen["reference"], seq)
         mask = seq["loss_mask"] * valid[:, None]
-        advantages = losses.group_advantages(rewards, rc.group_size, scale=rc.advantage_scale)
+        shaped = _rl.kl_shaped(config, rewards, mask, old, ref)
+        advantages = losses.group_advantages(shaped, rc.group_size, scale=rc.advantage_scale)
         batch = dict(seq, loss_mask=mask, old_logprobs=old, ref_logprobs=ref,
                      advantages=jnp.broadcast_to(advantages[:, None], mask.shape))
         return batch, _rl.rollout_metrics(rewards, valid, mask, old, ref, losses.entropy(logits).per_token,

@@ -67,6 +67,8 @@ def make_prepare_batch(config: Any, setup: Any, tokenizer: Any):
         mask = seq["loss_mask"] * valid[:, None]
         last = last_scored_index(mask)
         token_rewards = jnp.zeros_like(mask).at[jnp.arange(mask.shape[0]), last].set(rewards * valid)
+        if rc.kl_penalty == "reward":  # per-token −β·(log π_old − log π_ref): the usual RLHF shaping
+            token_rewards = token_rewards - rc.kl_coef * mask * jnp.where(mask != 0, old - ref, 0.0)
         advantages, returns = losses.gae(token_rewards, values, mask, rc.gamma, rc.lam)
         if rc.whiten_advantages:
             advantages = losses.whiten(advantages, mask)
