@@ -43,6 +43,7 @@ def rl_config() -> ml_collections.ConfigDict:
     ro.markov_seed = 0  # markov: seed of the per-character gains g
     ro.markov_scale = 1.0  # markov: their scale (1/τ of the Bradley–Terry labels)
     rl.reward_model = ml_collections.FieldReference(None, field_type=str)  # rl.reward='reward_model': its run
+    rl.updates_per_rollout = 1  # optimizer steps per rollout (k > 1: PPO epochs; the clip acts)
     rl.advantage_scale = "group"  # GRPO: divide centred rewards by the group's std, the batch's, or 'none'
     rl.clip_eps = 0.2  # ε of the clipped ratio
     rl.clip_eps_high = 0.0  # ε_high (DAPO clip-higher); 0: = clip_eps

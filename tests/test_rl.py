@@ -143,7 +143,7 @@ def run_tiny(name, workdir, steps):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    return run_tiny("grpo", tmp_path_factory.mktemp("grpo"), 12)
+    return run_tiny("grpo", tmp_path_factory.mktemp("grpo"), 10)
 
 
 def test_tiny_grpo_run_raises_its_reward(tiny_run):
@@ -195,7 +195,7 @@ def test_grpo_step_split_invariance(tiny_run):
 
 def test_tiny_ppo_run_raises_its_reward(tmp_path):
     """PPO (value head, GAE, whitened advantages) on the same tiny task."""
-    _, result = run_tiny("ppo", tmp_path, 10)
+    _, result = run_tiny("ppo", tmp_path, 8)
     rewards = [row["rl/reward_mean"] for row in result.history]
     assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.15, rewards
     assert all(np.isfinite(row["value/loss"]) and np.isfinite(row["loss"]) for row in result.history)

@@ -68,11 +68,27 @@ def batch_kind(per_token: tuple[str, ...]):
 
 
 def reference(config: Any, model_cfg: Any) -> dict:
-    """The frozen reference policy: a Transformer with the parameters of train.init_from (the SFT
-    run the policy starts from; None: freshly initialized, for tests)."""
-    from lm.model import Transformer
+    """The frozen models: the reference policy, a Transformer with the parameters of
+    train.init_from (the SFT run the policy starts from; None: freshly initialized, for tests),
+    and with rl.reward='reward_model' the reward model (lm.model.RewardModel) of rl.reward_model
+    (a reward run: lm/objectives/reward.py)."""
+    from lm.model import RewardModel, Transformer
 
-    return {"reference": FrozenModel(lambda rngs: Transformer(model_cfg, rngs=rngs), path=config.train.init_from)}
+    frozen = {"reference": FrozenModel(lambda rngs: Transformer(model_cfg, rngs=rngs), path=config.train.init_from)}
+    if config.rl.reward == "reward_model":
+        if not config.rl.reward_model:
+            raise ValueError("rl.reward='reward_model' needs rl.reward_model: the run directory (or checkpoint) "
+                             "of a trained reward model with this model shape")
+        frozen["reward_model"] = FrozenModel(lambda rngs: RewardModel(model_cfg, rngs=rngs),
+                                             path=config.rl.reward_model)
+    return frozen
+
+
+def model_rewards(setup: Any, seq: dict, frozen: dict) -> jax.Array:
+    """r(prompt, completion) [B] of the frozen reward model: its scalar head at the last generated
+    token's position (the reward model's own convention, lm.model.RewardModel.rewards)."""
+    model = nnx.merge(setup.frozen_graphdefs["reward_model"], frozen["reward_model"])
+    return model.rewards(seq["inputs"], seq["positions"], seq["segment_ids"], seq["loss_mask"])
 
 
 def make_train_iter(config: Any, tokenizer: Any, *, batch_size: int, process_index: int = 0,
@@ -161,6 +177,9 @@ class Rollouts:
         """Rule rewards of the decoded completions → (rewards [B], valid [B] float32, replicated;
         host metrics). A skipped completion's reward is its group's mean over valid ones."""
         self.calls += 1
+        if self.rule is None:  # a reward model scores on the device (`model_rewards`, in the objective's jit)
+            ones = jnp.ones((out["tokens"].shape[0],), jnp.float32)
+            return ones * 0.0, ones, {}
         host = {k: to_host(prompts[k]) for k in ("prompt", "prompt_lengths", "answer", "answer_lengths")}
         host = {k: np.repeat(v, self.group, axis=0) for k, v in host.items()}
         completions = rw.decode_completions(self.tokenizer, host["prompt"], host["prompt_lengths"],
@@ -220,3 +239,25 @@ def kl_shaped(config: Any, rewards, mask, old_logprobs, ref_logprobs):
         return rewards
     log_ratio = jnp.where(mask != 0, old_logprobs - ref_logprobs, 0.0)
     return rewards - config.rl.kl_coef * jnp.sum(mask * log_ratio, axis=1)
+
+
+def reused(prepare_batch, updates_per_rollout: int):
+    """prepare_batch that samples a new rollout every `updates_per_rollout` steps and returns the
+    same batch (old log-probabilities, advantages) in between: PPO's several updates per rollout,
+    where the ratio π_θ/π_old leaves 1 and the clip acts. The prompts of the steps in between are
+    not used. A run resumed mid-cycle samples anew at its first step."""
+    if updates_per_rollout < 1:
+        raise ValueError(f"rl.updates_per_rollout must be >= 1, got {updates_per_rollout}")
+    if updates_per_rollout == 1:
+        return prepare_batch
+    cache: dict = {"left": 0}
+
+    def prepare(params, prompts, rng, *frozen):
+        if cache["left"] == 0:
+            cache["batch"], cache["metrics"] = prepare_batch(params, prompts, rng, *frozen)
+            cache["left"] = updates_per_rollout
+        cache["left"] -= 1
+        return cache["batch"], cache["metrics"]
+
+    prepare.rollouts = prepare_batch.rollouts
+    return prepare

@@ -16,9 +16,9 @@ policy starts from, train.init_from; with rl.kl_penalty='reward' the sequence's 
 subtracted from r_i instead, _rl.kl_shaped), normalized per rl.normalize ('sequence': GRPO's mean of
 sequence means; 'token': DAPO; 'constant': Dr. GRPO). No value model.
 
-Each rollout is used for one optimizer step (micro-batches of it included), so ρ = 1 at the
-step's parameters up to float rounding and the clip fraction reports how far the forward pass
-of the step is from the rollout's (≈ 0); the clipping matters once a rollout is reused.
+By default each rollout is used for one optimizer step (micro-batches of it included), so ρ = 1
+at the step's parameters up to float rounding and the clip fraction is ≈ 0; with
+rl.updates_per_rollout = k the same rollout serves k steps (_rl.reused) and the clip acts.
 
 Metrics per step: rl/reward_mean, rl/reward_std, rl/kl_ref (k3 KL of the sampling policy to the
 reference over the generated tokens), rl/entropy, rl/response_length, rl/truncated,
@@ -54,6 +54,8 @@ def make_prepare_batch(config: Any, setup: Any, tokenizer: Any):
 
     @functools.partial(jax.jit, out_shardings=(rollouts.batch_sharding, rollouts.replicated))
     def score(params, seq, out, rewards, valid, frozen):
+        if rc.reward == "reward_model":
+            rewards = _rl.model_rewards(setup, seq, frozen)
         old, logits = _rl.policy_forward(setup.graphdef, params, seq)
         ref, _ = _rl.policy_forward(ref_graphdef, frozen["reference"], seq)
         mask = seq["loss_mask"] * valid[:, None]
@@ -71,7 +73,7 @@ def make_prepare_batch(config: Any, setup: Any, tokenizer: Any):
         return batch, {**metrics, **host}
 
     prepare_batch.rollouts = rollouts
-    return prepare_batch
+    return _rl.reused(prepare_batch, rc.updates_per_rollout)
 
 
 def make_loss_fn(config: Any, graphdef: Any):

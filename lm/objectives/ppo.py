@@ -62,6 +62,8 @@ def make_prepare_batch(config: Any, setup: Any, tokenizer: Any):
 
     @functools.partial(jax.jit, out_shardings=(rollouts.batch_sharding, rollouts.replicated))
     def score(params, seq, out, rewards, valid, frozen):
+        if rc.reward == "reward_model":
+            rewards = _rl.model_rewards(setup, seq, frozen)
         old, logits, values = _forward(setup.graphdef, params, seq)
         ref, _ = _rl.policy_forward(ref_graphdef, frozen["reference"], seq)
         mask = seq["loss_mask"] * valid[:, None]
@@ -88,7 +90,7 @@ def make_prepare_batch(config: Any, setup: Any, tokenizer: Any):
         return batch, {**metrics, **host}
 
     prepare_batch.rollouts = rollouts
-    return prepare_batch
+    return _rl.reused(prepare_batch, rc.updates_per_rollout)
 
 
 def make_loss_fn(config: Any, graphdef: Any):
