@@ -53,9 +53,12 @@ def train_and_report(config: ml_collections.ConfigDict, workdir: str) -> dict:
         raise ValueError(f"train.batch_size={tc.batch_size} must be a multiple of the {shards} processes "
                          "that feed distinct rows")
     common = dict(batch_size=tc.batch_size // shards, seq_len=tc.seq_len, seed=config.seed,
-                  process_index=shard, process_count=shards, tokenizer=tokenizer)
-    train_iter = data.build_iterator(config.data, split="train", **common)
-    valid_batches = lambda: data.build_iterator(config.data, split="valid", **common)  # noqa: E731
+                  process_index=shard, process_count=shards)
+    train_iter = objectives.make_train_iter(objective, config, tokenizer, data.build_iterator, **common)
+    valid_batches = None  # an objective without a validation loss (RL) gets no passes
+    if objectives.has_validation_loss(objective):
+        valid_batches = lambda: data.build_iterator(config.data, split="valid", tokenizer=tokenizer,  # noqa: E731
+                                                    **common)
     if jax.process_index() == 0:
         ckpt.write_config(workdir, config)
         if hasattr(tokenizer, "save_metadata"):
@@ -65,7 +68,8 @@ def train_and_report(config: ml_collections.ConfigDict, workdir: str) -> dict:
                       train_iter=train_iter, valid_batches=valid_batches,
                       make_model=objectives.make_model(objective, config, model_cfg),
                       frozen=objectives.frozen_models(objective, config, model_cfg),
-                      batch_kind=objectives.batch_kind(objective, config))
+                      batch_kind=objectives.batch_kind(objective, config),
+                      make_prepare_batch=objectives.make_prepare_batch(objective, config, tokenizer))
     info = data.source_info(config.data, seq_len=tc.seq_len)
     summary = report.summarize(config, model_cfg, result, info)
     ctx = evals.EvalContext(config=config, workdir=workdir, tokenizer=tokenizer, graphdef=result.setup.graphdef,

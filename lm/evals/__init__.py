@@ -7,6 +7,8 @@ one computes sums and divides once. Objectives do no I/O; evaluators print on pr
     exact_match.py  "exact_match": greedy answers on held-out synthetic chat prompts
     pairwise_accuracy.py  "pairwise_accuracy": a reward model on held-out pairs (and vs Bayes on Markov)
     markov_optimum.py     "markov_optimum": a policy's KL-regularized objective vs the exact optimum
+    rl.py           "rl_exact_match": the same for an RL policy and its frozen reference (SFT);
+                    "markov_gain": the fraction of the optimal KL-regularized gain on the Markov task
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from collections.abc import Callable
 from typing import Any
 
 EVALUATORS = {"samples": "lm.evals.samples", "exact_match": "lm.evals.exact_match",
-              "pairwise_accuracy": "lm.evals.pairwise_accuracy", "markov_optimum": "lm.evals.markov_optimum"}
+              "pairwise_accuracy": "lm.evals.pairwise_accuracy", "markov_optimum": "lm.evals.markov_optimum",
+              "rl_exact_match": "lm.evals.rl", "markov_gain": "lm.evals.rl:markov_gain"}
 
 
 @dataclasses.dataclass
@@ -47,5 +50,6 @@ def run(spec: str, ctx: EvalContext) -> dict:
     """Run the evaluators named in `spec`, in order; their summary entries merged."""
     summary: dict = {}
     for name in names(spec):
-        summary.update(importlib.import_module(EVALUATORS[name]).evaluate(ctx))
+        module, _, function = EVALUATORS[name].partition(":")  # 'module' or 'module:function'
+        summary.update(getattr(importlib.import_module(module), function or "evaluate")(ctx))
     return summary

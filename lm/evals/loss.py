@@ -15,7 +15,9 @@ _KNOWN = ("nll_sum", "correct_sum", "z_loss_sum", "objective_sum")
 def summary_metrics(sums: dict) -> dict:
     """Means from sums: nll (→ perplexity), token accuracy, z-loss, and `<name>` for every other
     `<name>_sum` (e.g. DPO's 'rewards/margins_sum'); each 0 when count is 0. The objective's own
-    mean is the step's / evaluation's `loss`."""
+    mean is the step's / evaluation's `loss`. An objective may also add
+    `sums["means"] = {name: (numerator sum, denominator sum)}` for a ratio with its own
+    denominator: summed over micro-batches like every sum, reported as numerator / denominator."""
     count = sums["count"]
     out = {}
     if "nll_sum" in sums:
@@ -28,6 +30,8 @@ def summary_metrics(sums: dict) -> dict:
     for key in sums:  # any other per-count sum an objective reports, e.g. 'margin_sum' → 'margin'
         if key.endswith("_sum") and key not in _KNOWN:
             out[key[:-4]] = mean_of(sums[key], count)
+    for name, (numerator, denominator) in sums.get("means", {}).items():  # an objective's own ratios
+        out[name] = mean_of(numerator, denominator)
     return out
 
 

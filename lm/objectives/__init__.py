@@ -9,6 +9,12 @@ includes `count`. A module may also define
     batch_kind(config) -> kind                   instead, where the config decides
     make_model(config, model_cfg) -> factory     what it trains (default: a Transformer of model_cfg)
     frozen_models(config, model_cfg) -> {name: lm.train.FrozenModel}   models its loss reads, frozen
+    make_train_iter(config, tokenizer, **iterator kwargs) -> iterator   its own training data
+                                                 (default: lm.data.build_iterator; RL: prompts)
+    make_prepare_batch(config, setup, tokenizer) -> prepare_batch       turns each data batch into
+                                                 the step's batch with the current parameters
+                                                 (RL: rollouts; lm/train/loop.py: PrepareBatch)
+    HAS_VALIDATION_LOSS = False                  no validation-loss passes (RL); default True
 
 Evaluations after training are lm/evals/ evaluators, chosen in config.eval.evaluators.
 """
@@ -43,3 +49,21 @@ def make_model(objective, config, model_cfg):
 def frozen_models(objective, config, model_cfg) -> dict:
     fn = getattr(objective, "frozen_models", None)
     return fn(config, model_cfg) if fn else {}
+
+
+def has_validation_loss(objective) -> bool:
+    return getattr(objective, "HAS_VALIDATION_LOSS", True)
+
+
+def make_train_iter(objective, config, tokenizer, default, **kwargs):
+    """The objective's training iterator, or `default(config.data, split='train', **kwargs)`."""
+    fn = getattr(objective, "make_train_iter", None)
+    if fn is None:
+        return default(config.data, split="train", tokenizer=tokenizer, **kwargs)
+    return fn(config, tokenizer, **kwargs)
+
+
+def make_prepare_batch(objective, config, tokenizer):
+    """None, or setup -> prepare_batch (for lm.train.loop.run's make_prepare_batch)."""
+    fn = getattr(objective, "make_prepare_batch", None)
+    return None if fn is None else (lambda setup: fn(config, setup, tokenizer))

@@ -194,11 +194,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, model_cfg: ModelConf
         make_loss_fn: Callable[[Any], train.LossFn], train_iter: Any,
         valid_batches: Callable[[], Iterable[dict]] | None, make_model: ModelFactory | None = None,
         frozen: dict[str, FrozenModel] | None = None, batch_kind: Any = "tokens",
-        prepare_batch: PrepareBatch | None = None) -> RunResult:
+        prepare_batch: PrepareBatch | None = None,
+        make_prepare_batch: Callable[[train.Setup], PrepareBatch] | None = None) -> RunResult:
     """Train `config` in `workdir`. make_model: what is trained (default: a Transformer of
     model_cfg); frozen: models the loss reads but never trains; batch_kind: what the train step
     reads (lm/data/batch.py: spec); prepare_batch: turns each global batch from the data into
-    the step's batch with the current parameters (RL: rollouts), see `PrepareBatch`."""
+    the step's batch with the current parameters (RL: rollouts), see `PrepareBatch`;
+    make_prepare_batch: builds it from the planned Setup (graphdefs, mesh) when it needs them."""
     tc = config.train
     mesh = shd.make_mesh(config.mesh)
     _validate(tc, mesh)
@@ -208,6 +210,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, model_cfg: ModelConf
     frozen = frozen or {}
     setup = train.plan_state(model, optimizer, mesh, config.mesh.rules, config.seed,
                              frozen={name: f.make_model for name, f in frozen.items()})
+    if make_prepare_batch is not None:
+        if prepare_batch is not None:
+            raise ValueError("pass prepare_batch or make_prepare_batch, not both")
+        prepare_batch = make_prepare_batch(setup)
     n_params = param_count(setup.abstract_state.params)
     _log(f"model: {n_params:,} parameters; mesh {dict(mesh.shape)}"
          + "".join(f"; frozen {name}: {param_count(p):,}" for name, p in setup.abstract_frozen.items()))

@@ -144,8 +144,10 @@ def make_eval_step(loss_fn: LossFn, setup: Setup):
 
 def global_batch(local_batch: dict, mesh) -> dict:
     """This process's rows (a batch pytree of numpy [B_local, ...], lm/data/batch.py) → global
-    jax.Arrays [B, ...] sharded over (data, fsdp)."""
+    jax.Arrays [B, ...] sharded over (data, fsdp) by their first axis ([B] leaves too)."""
     sharding = shd.batch_sharding(mesh)
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.spec[0]))  # a [B] leaf
     n = shd.batch_shard(mesh)[1]  # processes that share rows (a tensor axis across hosts) count once
-    return jax.tree.map(lambda v: jax.make_array_from_process_local_data(sharding, v, (v.shape[0] * n, *v.shape[1:])),
+    return jax.tree.map(lambda v: jax.make_array_from_process_local_data(sharding if v.ndim > 1 else rows, v,
+                                                                         (v.shape[0] * n, *v.shape[1:])),
                         local_batch)
