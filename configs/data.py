@@ -53,6 +53,7 @@ def data_config() -> ml_collections.ConfigDict:
     c.word_chat.system_prompt_prob = 0.3             # probability of a system message before the first question
     c.word_chat.valid_fraction = 0.1                 # words held out for the valid split (hashed, seed-independent)
     c.word_chat.num_heldout_templates = 0            # phrasings per task seen only in the valid split
+    c.word_chat.sentence_prob = 0.0                  # answers written 'It is cba.' with this probability, else 'cba' (0.5: two equally frequent phrasings)
 
     c.text = ml_collections.ConfigDict()
     c.text.train_files = ''    # globs of UTF-8 text files

@@ -283,12 +283,41 @@ _WORD_TASKS = {  # name: (answer function, phrasings). The last `num_heldout_tem
 _WORD_SYSTEM_PROMPTS = ('You transform words. Reply with the result only.',
                         'Answer with the transformed word and nothing else.')
 
+# The two phrasings of a word-chat answer under data.word_chat.sentence_prob > 0: the bare result
+# ('cba') and a sentence around it ('It is cba.'); both are correct. The result of a task is letters
+# and dashes only, so a reply reads back unambiguously (`parse_phrasing`).
+BARE, SENTENCE = 'bare', 'sentence'
+_SENTENCE_HEAD, _SENTENCE_TAIL = 'It is ', '.'
+
+
+def phrase(result: str, phrasing: str) -> str:
+    """The answer text of `result` in `phrasing` (BARE: 'cba'; SENTENCE: 'It is cba.')."""
+    if phrasing == BARE:
+        return result
+    if phrasing == SENTENCE:
+        return f'{_SENTENCE_HEAD}{result}{_SENTENCE_TAIL}'
+    raise ValueError(f'unknown phrasing {phrasing!r}; known: {BARE!r}, {SENTENCE!r}')
+
+
+def parse_phrasing(text: str) -> tuple[str, str]:
+    """An answer text → (result, phrasing): 'It is cba.' → ('cba', SENTENCE), anything else →
+    (text, BARE). The inverse of `phrase` on the results of the word tasks."""
+    if (len(text) > len(_SENTENCE_HEAD) + len(_SENTENCE_TAIL) and text.startswith(_SENTENCE_HEAD)
+            and text.endswith(_SENTENCE_TAIL)):
+        return text[len(_SENTENCE_HEAD):-len(_SENTENCE_TAIL)], SENTENCE
+    return text, BARE
+
 
 class WordChat(_SyntheticChat):
     """Chat documents like ArithmeticChat's, about string transformations of a random word of
     distinct lowercase letters (reverse it, write it in capitals, spell it with dashes):
     [system?] then 1..max_turns exchanges. Every word of a valid conversation is held out of
     training (hashed, seed-independent), and so are the last phrasings of each task.
+
+    With data.word_chat.sentence_prob = q > 0 each answer is written as a sentence ('It is cba.')
+    with probability q and bare ('cba') otherwise (`phrase`), an independent coin per exchange:
+    two correct phrasings of one result (q = 0.5: equally frequent, experiments/rlhf_nuance.py).
+    q = 0 (the default) draws no coin and leaves every document as it was.
 
     The letters of a word are distinct, so that each letter of the answer can be found in the
     question by what it is (an induction head) rather than by counting positions: a small
@@ -312,6 +341,9 @@ class WordChat(_SyntheticChat):
             raise ValueError(f'data.word_chat.num_heldout_templates must be < {phrasings}')
         if cfg.max_turns < 1:
             raise ValueError(f'data.word_chat.max_turns must be >= 1, got {cfg.max_turns}')
+        self.sentence_prob = float(cfg.get('sentence_prob', 0.0))
+        if not 0.0 <= self.sentence_prob <= 1.0:
+            raise ValueError(f'data.word_chat.sentence_prob must be in [0, 1], got {self.sentence_prob}')
         self.tasks = tasks
         self._set_rendering(split, seed, tokenizer, loss_policy, add_bos, seq_len, chat_overflow)
         self.alphabet = str(cfg.alphabet)
@@ -348,7 +380,10 @@ class WordChat(_SyntheticChat):
         task = self.tasks[int(u[0] * len(self.tasks))]
         templates = self._templates(task)
         question = templates[int(u[1] * len(templates))].format(w=word)
-        return (task, word), question, _WORD_TASKS[task][0](word), u[2:4]
+        answer = _WORD_TASKS[task][0](word)
+        if self.sentence_prob > 0:  # u[4] is drawn for nothing else: documents with q = 0 are unchanged
+            answer = phrase(answer, SENTENCE if u[4] < self.sentence_prob else BARE)
+        return (task, word), question, answer, u[2:4]
 
     def example(self, i: int) -> dict:
         """{'messages', 'answer', 'problem': (task, word), 'problems'}: as ArithmeticChat.example."""

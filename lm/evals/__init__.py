@@ -9,6 +9,8 @@ one computes sums and divides once. Objectives do no I/O; evaluators print on pr
     markov_optimum.py     "markov_optimum": a policy's KL-regularized objective vs the exact optimum
     rl.py           "rl_exact_match": the same for an RL policy and its frozen reference (SFT);
                     "markov_gain": the fraction of the optimal KL-regularized gain on the Markov task
+    nuance.py       "nuance": sampled correctness, preferred-phrasing rate and KL to the SFT model on
+                    the two-phrasing word chat task (experiments/rlhf_nuance.py)
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from typing import Any
 
 EVALUATORS = {"samples": "lm.evals.samples", "exact_match": "lm.evals.exact_match",
               "pairwise_accuracy": "lm.evals.pairwise_accuracy", "markov_optimum": "lm.evals.markov_optimum",
-              "rl_exact_match": "lm.evals.rl", "markov_gain": "lm.evals.rl:markov_gain"}
+              "rl_exact_match": "lm.evals.rl", "markov_gain": "lm.evals.rl:markov_gain",
+              "nuance": "lm.evals.nuance"}
 
 
 @dataclasses.dataclass
