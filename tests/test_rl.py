@@ -123,10 +123,12 @@ def test_a_broken_reward_is_skipped_and_counted(broken_rules):
 # -- GRPO through the trainer -------------------------------------------------------------------
 
 
-def run_tiny(name, workdir, steps):
-    """configs/<name>.py:tiny through loop.run, wired as lm.cli.train wires it."""
+def run_tiny(name, workdir, steps, **rl):
+    """configs/<name>.py:tiny (config.rl fields overridden by `rl`) through loop.run, wired as
+    lm.cli.train wires it."""
     config = importlib.import_module(f"configs.{name}").get_config("tiny")
     config.train.steps = steps
+    config.rl.update(rl)
     model_cfg = build_model_config(config, TOK.vocab_size)
     objective = objectives.get(config.objective)
     train_iter = objectives.make_train_iter(objective, config, TOK, D.build_iterator,
@@ -136,7 +138,7 @@ def run_tiny(name, workdir, steps):
                       make_loss_fn=lambda g: objective.make_loss_fn(config, g), train_iter=train_iter,
                       valid_batches=None, make_model=objectives.make_model(objective, config, model_cfg),
                       frozen=objectives.frozen_models(objective, config, model_cfg),
-                      batch_kind=objectives.batch_kind(objective),
+                      batch_kind=objectives.batch_kind(objective, config),
                       make_prepare_batch=objectives.make_prepare_batch(objective, config, TOK))
     return config, result
 
@@ -200,3 +202,38 @@ def test_tiny_ppo_run_raises_its_reward(tmp_path):
     assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.15, rewards
     assert all(np.isfinite(row["value/loss"]) and np.isfinite(row["loss"]) for row in result.history)
     assert "value_head" in result.state.params  # the trained model is the ValueModel
+
+
+def test_grpo_with_a_trained_reward_model(tmp_path):
+    """rl.reward='reward_model': a reward run (configs/reward.py:tiny, the policy's shape) scores the
+    rollouts on the device; its parameters are the checkpoint's, bit for bit, after training, and
+    the rollout's reward is that model's score of prompt + completion."""
+    from configs import reward as reward_config
+    from lm.cli.train import train_and_report
+    from lm.model import RewardModel
+    from lm.io import checkpoint as ckpt
+    from lm.train.init import load_frozen
+
+    rm_config = reward_config.get_config("tiny")
+    rm_config.train.steps = 2
+    rm_config.model.scan_layers = grpo_config.get_config("tiny").model.scan_layers  # the policy's layout
+    rm_config.eval.evaluators = ""
+    train_and_report(rm_config, str(tmp_path / "rm"))
+    config, result = run_tiny("grpo", tmp_path / "grpo", 3, reward="reward_model", reward_model=str(tmp_path / "rm"))
+    setup, frozen = result.setup, result.frozen
+    stored = load_frozen(str(tmp_path / "rm"), ckpt.abstract_with_shardings(setup.abstract_frozen["reward_model"],
+                                                                            setup.frozen_shardings["reward_model"]))
+    for a, b in zip(jax.tree.leaves(stored), jax.tree.leaves(frozen["reward_model"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert all(np.isfinite(row["rl/reward_mean"]) and np.isfinite(row["loss"]) for row in result.history)
+
+    objective = objectives.get("grpo")
+    prepare = objective.make_prepare_batch(config, setup, TOK)
+    prompts = train.global_batch(objective.make_train_iter(config, TOK, batch_size=config.train.batch_size).__next__(),
+                                 setup.mesh)
+    batch, metrics = prepare(result.state.params, prompts, jax.random.key(7), frozen)
+    rm = nnx.merge(setup.frozen_graphdefs["reward_model"], stored)
+    assert isinstance(rm, RewardModel)
+    scores = rm.rewards(batch["inputs"], batch["positions"], batch["segment_ids"], batch["loss_mask"])
+    assert float(np.std(scores)) > 0  # the completions differ, and so do their scores
+    np.testing.assert_allclose(float(metrics["rl/reward_mean"]), float(np.mean(scores)), rtol=1e-5, atol=1e-6)
