@@ -1,6 +1,7 @@
 """GRPO from rewards on the synthetic chat tasks (lm/objectives/grpo.py), starting from an SFT run.
 
-    python -m lm.cli.train --config=configs/sft.py --config.train.steps=600 --workdir=runs/sft_brief
+    python -m lm.cli.train --config=configs/sft.py --config.train.steps=1000 --config.optimizer.decay_steps=1600 \
+        --workdir=runs/sft_brief     # SFT stopped at step 1000 of its 1600-step schedule
     python -m lm.cli.train --config=configs/grpo.py --config.train.init_from=runs/sft_brief --workdir=runs/grpo
     python -m lm.cli.train --config=configs/grpo.py:tiny --workdir=/tmp/grpo     # seconds: tests, smoke runs
 
@@ -89,13 +90,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.num_kv_heads = 4  # as configs/sft.py
     c.model.mlp_dim = 256  # as configs/sft.py
 
-    c.train.steps = 100  # optimizer steps = rollouts
-    c.train.batch_size = 64  # completions per step: 8 prompts × rl.group_size
+    c.train.steps = 400  # optimizer steps = rollouts
+    c.train.batch_size = 128  # completions per step: 16 prompts × rl.group_size
     c.train.seq_len = 112  # prompt (≤ 100 tokens, left-padded) + rl.max_new_tokens
     c.train.log_every = 10  # steps between metric lines
     c.train.eval_every = 0  # RL has no validation loss
     c.train.checkpoint_every = 0  # only at the end
-    c.optimizer.lr = 1e-4  # small steps: the policy starts from a trained model
+    c.optimizer.lr = 5e-4  # peak (cosine decay over train.steps); 1e-3 collapsed the reward (experiments/rl.md)
     c.optimizer.warmup_steps = 5  # linear warmup
     c.optimizer.weight_decay = 0.0  # no decay toward 0 (the KL term keeps it near the reference)
 

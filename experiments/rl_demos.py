@@ -3,9 +3,10 @@
   1. Markov known optimum: pretrain on the chain (configs/default.py, 8 characters, order 1), then
      GRPO with the reward r(x) = Σ g(x_t) and the sampled KL in the reward (configs/grpo.py:markov);
      summary.json: rl_fraction_of_optimal_gain (target ≥ 0.9).
-  2. Exact match: a brief SFT run (configs/sft.py, 1000 steps), then GRPO with the exact-match
-     reward (configs/grpo.py); summary.json: sft_exact_match, rl_exact_match, error_rate_ratio
-     (target ≤ 0.5: the held-out error rate at least halved).
+  2. Exact match: a brief SFT run (configs/sft.py stopped at step 1000 of its 1600-step schedule),
+     then GRPO with the exact-match reward (configs/grpo.py: 400 steps of 16 prompts × 8 samples);
+     summary.json: sft_exact_match, rl_exact_match, error_rate_ratio (target ≤ 0.5: the held-out
+     error rate at least halved).
 
     python experiments/rl_demos.py --out=runs/rl_demos [--only=markov|exact_match]
 
@@ -29,7 +30,7 @@ STAGES = {
         ("markov_grpo", ["--config=configs/grpo.py:markov", "--config.train.init_from={out}/markov_pretrain"]),
     ],
     "exact_match": [
-        ("sft_brief", ["--config=configs/sft.py", "--config.train.steps=1000",
+        ("sft_brief", ["--config=configs/sft.py", "--config.train.steps=1000", "--config.optimizer.decay_steps=1600",
                        "--config.eval.exact_match.continue_tokens=0"]),
         ("exact_match_grpo", ["--config=configs/grpo.py", "--config.train.init_from={out}/sft_brief"]),
     ],
