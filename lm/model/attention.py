@@ -129,7 +129,10 @@ class Attention(nnx.Module):
             return attend(q, [(ck[..., :n].astype(dt), cv[:, :, :n].astype(dt), old, True), (k, v, new, False)])
 
         sizes = cache_sizes(ck.shape[3], self.cfg.decode_block)
-        if len(sizes) == 1:
+        if isinstance(cache_index, int) and cache_index == 0:  # an empty cache (prefill): only the new keys
+            # (its all-masked scores would be constants that XLA folds, for seconds, at compile time)
+            out = attend(q, [(k, v, new, False)])
+        elif len(sizes) == 1:
             out = attend_first(sizes[0])
         else:  # only the slots before cache_index hold keys: attend to the smallest size that covers them
             # (a slice of the cache is a copy on a CPU: there this reads more than all slots would)

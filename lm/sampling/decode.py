@@ -111,7 +111,7 @@ def _prefill(graphdef, params, prompt, knobs, stop_ids, key, *, max_len, max_new
     tokens, positions, segment_ids = prompt["tokens"], prompt["positions"], prompt["segment_ids"]
     batch, prompt_len = tokens.shape
     cache = model.init_cache(batch, max_len)
-    logits, cache = _last_logits(model, tokens, positions, segment_ids, cache, jnp.int32(0))
+    logits, cache = _last_logits(model, tokens, positions, segment_ids, cache, 0)  # 0: the cache is empty
     # left padding puts every row's last real token at P−1: logits [B, V] are each row's next token's
     row_keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(batch))
     token = _sample_rows(row_keys, 0, logits, knobs)
