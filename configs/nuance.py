@@ -118,19 +118,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         _pairs(c)
         c.objective = "dpo"  # lm/objectives/dpo.py
         d = c.dpo = ml_collections.ConfigDict()
-        d.beta = 0.1  # β: KL-regularization strength
+        d.beta = 1.0  # β: KL-regularization strength (0.1 with lr 3e-4, 300 steps: KL 6.5 nats, 58% correct)
         d.loss_type = "sigmoid"  # plain DPO (lm.losses.dpo_loss)
         d.label_smoothing = 0.0  # no label noise: the labeller is exact
         d.reference = "model"  # the frozen SFT model (train.init_from)
-        c.train.steps = 300  # optimizer steps
-        c.optimizer.lr = 3e-4  # peak learning rate
+        c.train.steps = 200  # optimizer steps (~3 epochs of ~2,000 pairs)
+        c.optimizer.lr = 1e-4  # peak learning rate
         c.eval.evaluators = "nuance"
     else:  # grpo, ppo: rewards from the frozen reward model of rl.reward_model
         rl = c.rl
         rl.reward = "reward_model"  # r = the reward model's score of prompt + reply
         rl.max_new_tokens = 24  # as eval.nuance.max_new_tokens
         rl.max_answer_tokens = 24  # the reference answers the prompt batches carry (unused by the reward model)
-        rl.kl_coef = 0.02  # β of the per-token KL to the SFT model (k3, in the loss)
+        rl.kl_penalty = "reward"  # the sampled KL to the SFT model subtracted from the reward: J = E[r] − β·KL
+        rl.kl_coef = 0.3  # β (0.02 as a k3 loss term: GRPO reached KL 1.7 nats and 78% correct)
         c.train.seq_len = 124  # prompt (<= 100 tokens, left-padded) + rl.max_new_tokens
         c.train.steps = 100  # optimizer steps = rollouts
         c.train.batch_size = 64  # completions per step

@@ -22,7 +22,7 @@ prompts and sampling keys: correctness, preferred-phrasing rate and KL(π ‖ π
 temperature 1. Then a table (results.md), the numbers (results.json) and a plot
 (experiments/rlhf_nuance.png with --plot) are written.
 
-    python experiments/rlhf_nuance.py --out=/tmp/nuance/run            # all stages (~25 min on 2 cores)
+    python experiments/rlhf_nuance.py --out=/tmp/nuance/run            # all stages (~15 min on 2 shared cores)
     python experiments/rlhf_nuance.py --out=/tmp/nuance/run --from=dpo # reuse the earlier stages
     python experiments/rlhf_nuance.py --out=/tmp/nuance/run --only=report --plot=experiments/rlhf_nuance.png
 
@@ -137,9 +137,10 @@ def collect(out: str) -> dict:
         if os.path.exists(path):
             with open(path) as f:
                 results[stage] = json.load(f)
-    if os.path.exists(os.path.join(out, "pairs.json")):
-        with open(os.path.join(out, "pairs.json")) as f:
-            results["pairs"] = json.load(f)
+    for name, key in (("pairs.json", "pairs"), ("stage_seconds.json", "stage_seconds")):
+        if os.path.exists(os.path.join(out, name)):
+            with open(os.path.join(out, name)) as f:
+                results[key] = json.load(f)
     return results
 
 
@@ -179,7 +180,7 @@ def plot(results: dict, path: str) -> str:
     bars.set_xticks(x, [LABELS[s] for s in runs])
     bars.set_ylim(0, 105)
     bars.set_ylabel("% of samples (temperature 1, held-out prompts)")
-    bars.set_title("correctness holds, the preferred phrasing rises")
+    bars.set_title("correct and preferred-phrasing samples per policy")
     bars.legend(loc="lower right")
     base = results["sft"]["nuance_preferred"] if "sft" in runs else 0.5
     grid = np.linspace(base, 0.999, 200)
@@ -191,7 +192,7 @@ def plot(results: dict, path: str) -> str:
                     yerr=r["nuance_kl_stderr"], fmt="o", capsize=3, label=LABELS[s])
     kl.set_xlabel("preferred phrasing, % of samples")
     kl.set_ylabel("KL(π ‖ π_sft), nats per reply")
-    kl.set_title("what each method paid for it")
+    kl.set_title("preferred rate against KL to the SFT model")
     kl.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -199,10 +200,8 @@ def plot(results: dict, path: str) -> str:
     return path
 
 
-def report(out: str, plot_path: str | None, wall: dict) -> None:
+def report(out: str, plot_path: str | None) -> None:
     results = collect(out)
-    for stage, seconds in wall.items():
-        results.setdefault("stage_seconds", {})[stage] = seconds
     text = table(results)
     if "reward" in results:
         r = results["reward"]
@@ -237,17 +236,24 @@ def main() -> None:
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     stages = [args.only] if args.only else list(STAGES[STAGES.index(args.start):])
-    wall = {}
+    wall_path = os.path.join(args.out, "stage_seconds.json")  # each stage's latest wall time, kept across calls
     for stage in stages:
         started = time.perf_counter()
         if stage == "pairs":
             write_pairs(args.out, args.pair_prompts, args.valid_pair_prompts, args.samples_per_prompt,
                         args.pair_seed)
         elif stage == "report":
-            report(args.out, args.plot, wall)
+            report(args.out, args.plot)
+            continue
         else:
             train(stage, args.out, args.set)
+        wall = {}
+        if os.path.exists(wall_path):
+            with open(wall_path) as f:
+                wall = json.load(f)
         wall[stage] = time.perf_counter() - started
+        with open(wall_path, "w") as f:
+            json.dump(wall, f, indent=1)
         print(f"stage {stage}: {wall[stage]:.0f} s", flush=True)
 
 
