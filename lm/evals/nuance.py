@@ -109,9 +109,10 @@ def label_pairs(replies: list[list[tuple[str, Verdict]]]) -> Pairs:
 
 # -- sampling ---------------------------------------------------------------------------------------
 
-# rollout's compiler options, and no constant folding: XLA:CPU otherwise spends ~30 s per compile
-# folding the prefill's attention over the empty (all-zero, constant) KV cache at 250 rows
-# (same samples either way: the folded values are the ones computed at run time)
+# rollout's compiler options, and no constant folding: before the prefill attended to the new keys
+# only (lm/model/attention.py, cache_index 0), XLA:CPU spent ~30 s per compile here folding the
+# all-masked scores against the empty cache at 250 rows; kept so that no such constant costs a
+# compile again (same samples either way: folding only moves work from run time to compile time)
 NO_CONSTANT_FOLDING = {**COMPILER_OPTIONS, "xla_disable_hlo_passes": "constant_folding"}
 
 
