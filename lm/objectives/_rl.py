@@ -241,6 +241,20 @@ def kl_shaped(config: Any, rewards, mask, old_logprobs, ref_logprobs):
     return rewards - config.rl.kl_coef * jnp.sum(mask * log_ratio, axis=1)
 
 
+def prepare_with(rollouts: Rollouts, score, updates_per_rollout: int):
+    """prepare_batch(params, prompts, rng, frozen) -> (step batch, rollout metrics): sample with the
+    current parameters, reward on the host (rules), then the objective's jitted `score(params, seq,
+    out, rewards, valid, frozen)` (old and reference log-probs, advantages, metrics)."""
+    def prepare_batch(params, prompts, rng, frozen):
+        seq, out = rollouts.sample(params, prompts, rng)
+        rewards, valid, host = rollouts.rewards(prompts, out)
+        batch, metrics = score(params, seq, out, rewards, valid, frozen)
+        return batch, {**metrics, **host}
+
+    prepare_batch.rollouts = rollouts
+    return reused(prepare_batch, updates_per_rollout)
+
+
 def reused(prepare_batch, updates_per_rollout: int):
     """prepare_batch that samples a new rollout every `updates_per_rollout` steps and returns the
     same batch (old log-probabilities, advantages) in between: PPO's several updates per rollout,

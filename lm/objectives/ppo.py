@@ -83,14 +83,7 @@ def make_prepare_batch(config: Any, setup: Any, tokenizer: Any):
         metrics["value/explained_variance"] = 1.0 - residual / jnp.maximum(spread, 1e-8)
         return batch, metrics
 
-    def prepare_batch(params, prompts, rng, frozen):
-        seq, out = rollouts.sample(params, prompts, rng)
-        rewards, valid, host = rollouts.rewards(prompts, out)
-        batch, metrics = score(params, seq, out, rewards, valid, frozen)
-        return batch, {**metrics, **host}
-
-    prepare_batch.rollouts = rollouts
-    return _rl.reused(prepare_batch, rc.updates_per_rollout)
+    return _rl.prepare_with(rollouts, score, rc.updates_per_rollout)
 
 
 def make_loss_fn(config: Any, graphdef: Any):
