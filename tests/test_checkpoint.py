@@ -155,8 +155,18 @@ def test_broken_newest_checkpoints_are_reported_set_aside_and_saved_again(state_
     workdir.wait()
     assert workdir.steps() == [1, 2]
     workdir.close()
+
+
+def test_when_no_checkpoint_can_be_restored_each_is_named(state_8, tmp_path):
+    # a directory of its own, never read before in this process: an earlier read of the same
+    # files (the test above) made this check pass now and then under load, reading what it had
+    # read before instead of the truncated files
+    directory = _save(tmp_path, [1, 2], state_8)
+    target = _target(jax.devices()[:1], MESH_1)
     for step in (1, 2):
-        for chunk in _array_chunk_files(os.path.join(directory, str(step))):
+        chunks = _array_chunk_files(os.path.join(directory, str(step)))
+        assert chunks, f"no array data found under checkpoint {step}"
+        for chunk in chunks:
             os.truncate(chunk, os.path.getsize(chunk) // 2)  # writes cut short
     with pytest.raises(ckpt.NoUsableCheckpointError, match=r"could be restored \(.*\):\n  step 2: .*\n  step 1: "):
         ckpt.CheckpointReader(directory).restore(target)
