@@ -47,7 +47,7 @@ import numpy as np
 from flax import nnx
 
 from lm.data.synthetic import BARE, SENTENCE, parse_phrasing
-from lm.sampling.rollout import COMPILER_OPTIONS
+from lm.sampling.rollout import COMPILER_OPTIONS, left_padded
 
 PREFERRED = SENTENCE  # the hidden preference
 PHRASINGS = (BARE, SENTENCE)
@@ -166,12 +166,7 @@ def sample_replies(graphdef: Any, params: Any, tokenizer: Any, examples: list[di
     tokens, logp, logp_ref = [], [], []
     for k, start in enumerate(range(0, total, batch_size)):
         take = np.arange(start, start + batch_size) % total  # the last batch wraps (one compiled shape)
-        lengths = rows["prompt_lengths"][take]
-        slot = np.arange(prompt_len)[None, :]
-        first = (prompt_len - lengths)[:, None]
-        prompt = {"tokens": rows["prompt"][take], "lengths": lengths,
-                  "segment_ids": (slot >= first).astype(np.int32),
-                  "positions": np.maximum(slot - first, 0).astype(np.int32)}
+        prompt = left_padded(rows["prompt"][take], rows["prompt_lengths"][take])
         out = jax.device_get(run(params, ref_params, prompt, jax.random.fold_in(key, k), knobs, stop))
         keep = min(batch_size, total - start)
         tokens.append(out["tokens"][:keep])

@@ -63,7 +63,7 @@ def markov_gain(ctx) -> dict:
 
     from lm.data.markov_reward import MarkovReward, fraction_of_optimal_gain
     from lm.data.prompts import MarkovPrompts, PromptIterator
-    from lm.sampling.rollout import COMPILER_OPTIONS, rollout
+    from lm.sampling.rollout import COMPILER_OPTIONS, left_padded, rollout
 
     config, rc = ctx.config, ctx.config.rl
     prompts_source = MarkovPrompts(config.data.markov, "valid", seed=config.seed)
@@ -75,11 +75,7 @@ def markov_gain(ctx) -> dict:
     rows = PromptIterator(prompts_source, ctx.tokenizer, batch_size=n, prompt_len=prompt_len,
                           answer_len=1).rows(range(n))
     starts = np.array([prompts_source.start_state(i) for i in range(n)])
-    lengths = rows["prompt_lengths"]
-    slot = np.arange(prompt_len)[None, :]
-    first = (prompt_len - lengths)[:, None]
-    prompt = {"tokens": rows["prompt"], "lengths": lengths, "segment_ids": (slot >= first).astype(np.int32),
-              "positions": np.maximum(slot - first, 0).astype(np.int32)}
+    prompt = left_padded(rows["prompt"], rows["prompt_lengths"])
     knobs = {"temperature": np.float32(1), "top_k": np.int32(0), "top_p": np.float32(1), "min_p": np.float32(0)}
     stop = np.full((4,), -1, np.int32)
     index = {ord(ch): i for i, ch in enumerate(chain.alphabet)}

@@ -37,7 +37,7 @@ from lm import losses, rewards as rw
 from lm.data import batch as batch_contract
 from lm.parallel import sharding as shd
 from lm.sampling.rollout import COMPILER_OPTIONS as ROLLOUT_COMPILER_OPTIONS
-from lm.sampling.rollout import completion_values, rollout, sequences
+from lm.sampling.rollout import completion_values, left_padded, rollout, sequences
 from lm.train.state import FrozenModel
 
 HAS_VALIDATION_LOSS = False  # RL has no fixed validation batches: its measure is the reward
@@ -161,10 +161,7 @@ class Rollouts:
                    stop_ids: jax.Array) -> tuple[dict, dict]:
         tokens = jnp.repeat(prompts["prompt"], self.group, axis=0)  # group-major rows
         lengths = jnp.repeat(prompts["prompt_lengths"], self.group, axis=0)
-        start = (self.prompt_len - lengths)[:, None]
-        slot = jnp.arange(self.prompt_len, dtype=jnp.int32)[None, :]
-        prompt = {"tokens": tokens, "lengths": lengths, "segment_ids": (slot >= start).astype(jnp.int32),
-                  "positions": jnp.maximum(slot - start, 0).astype(jnp.int32)}
+        prompt = left_padded(tokens, lengths)
         out = rollout(graphdef, params, prompt, key, knobs, stop_ids,
                       max_new_tokens=self.new_tokens, decode_layout=self.config.rl.decode_layout)
         return sequences(prompt, out["tokens"]), out

@@ -68,6 +68,16 @@ def rollout(graphdef, params, prompt: dict, key: Array, knobs: dict, stop_ids: A
             "sample_logprobs": logprob_of(filtered), "policy_logprobs": logprob_of(logits)}
 
 
+def left_padded(tokens, lengths) -> dict:
+    """`rollout`'s prompt from LEFT-padded prompt tokens [B, P] and their real lengths [B]
+    (traceable): segment 1 and positions 0, 1, … on each row's last `lengths` slots, 0 before."""
+    prompt_len = tokens.shape[1]
+    first = (prompt_len - jnp.asarray(lengths, jnp.int32))[:, None]
+    slot = jnp.arange(prompt_len, dtype=jnp.int32)[None, :]
+    return {"tokens": tokens, "lengths": lengths, "segment_ids": (slot >= first).astype(jnp.int32),
+            "positions": jnp.maximum(slot - first, 0).astype(jnp.int32)}
+
+
 def sequences(prompt: dict, tokens: Array, pad_id: int = 0) -> dict:
     """Prompt + completion as a batch of the token contract ([B, T], T = P + N; traceable).
 
