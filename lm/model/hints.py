@@ -37,3 +37,9 @@ def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
     fn = _ACTIVATION_SHARDING.get()
     sharding = None if fn is None else fn(axes, x.shape)
     return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+
+def activation_hint() -> Callable | None:
+    """The active hint function (see `activation_sharding`), or None outside one: code that shards
+    a computation itself (lm.losses.token_logprobs under shard_map) reads the mesh from it."""
+    return _ACTIVATION_SHARDING.get()
