@@ -118,8 +118,10 @@ def _chunk_stats(h, kernel, t, inv_temp, st):
         if st.entropy:
             u = u * rescale + jnp.sum(e * x, axis=-1)
         sx = sx + jnp.sum(x, axis=-1)
-        hit = jax.lax.broadcasted_iota(jnp.int32, x.shape, 1) == (t - offset - start)[:, None]
-        tgt = tgt + jnp.sum(jnp.where(hit, x, 0.0), axis=-1)
+        local = t - offset - start  # the target's index in this block (a gather, not a [c, size] pass)
+        inside = (local >= 0) & (local < size)
+        picked = jnp.take_along_axis(x, jnp.clip(local, 0, size - 1)[:, None], axis=-1)[:, 0]
+        tgt = tgt + jnp.where(inside, picked, 0.0)
         idx = jnp.where(bm > m, jnp.argmax(x, axis=-1).astype(jnp.int32) + offset + start, idx)
         return (nm, s, u, sx, tgt, idx), (x if keep_x else None)
 
