@@ -6,10 +6,11 @@
 
 Steps (each a `gcloud` command; see docs/tpu.md):
   0. (--create) create the slice: `gcloud compute tpus tpu-vm create ... --accelerator-type=...`
-  1. pack this checkout (tracked source, no .venv/.git/runs) into a tarball
+  1. pack the repository root (pyproject.toml, lm/, configs/, ...: what git tracks plus untracked files
+     git does not ignore; outside a git checkout, everything but EXCLUDES) into a tarball
   2. copy it to every worker (`tpu-vm scp --worker=all`)
   3. install it on every worker: a venv (made by `uv`, with this Python version) holding
-     `jax[tpu]` of the local JAX version and this project (`pip install -e`)
+     `jax[tpu]` of the local JAX version and this project with its `train` extra (`pip install -e`)
   4. start training on every worker at once (`tpu-vm ssh --worker=all --command=...`): each
      host runs one `python -m lm.cli.train` process; `config.distributed.auto` makes JAX find the
      coordinator, process count and process id from the TPU metadata.
@@ -27,14 +28,28 @@ import subprocess
 import sys
 from importlib import metadata
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the repository root: lm/cli/launch.py -> lm/cli -> lm -> the root (pyproject.toml, configs/, ...)
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 REMOTE_DIR = "~/lm"  # where the code lives on each worker
 REMOTE_VENV = "~/lm-venv"  # its virtual environment
 REMOTE_LOG = "~/lm-run.log"
 # the TPU VM software version for each generation (gcloud compute tpus tpu-vm create --version)
 RUNTIME_VERSIONS = {"v4": "tpu-ubuntu2204-base", "v5litepod": "v2-alpha-tpuv5-lite",
                     "v5p": "v2-alpha-tpuv5", "v6e": "v2-alpha-tpuv6e"}
-EXCLUDES = (".git", ".venv", "runs", "__pycache__", "*.pyc", ".pytest_cache", "wandb")
+EXCLUDES = (".git", ".venv", "runs", "__pycache__", "*.pyc", ".pytest_cache", ".hypothesis", "wandb", "build",
+            "*.egg-info")
+
+
+def pack_command(source: str, tarball: str) -> list[str]:
+    """The argv that packs `source` into `tarball`. In a git checkout: the files `git ls-files`
+    lists (tracked, and untracked ones .gitignore does not exclude; a tracked file deleted since
+    is skipped with a warning), so run directories, venvs and caches stay home. Elsewhere:
+    everything but EXCLUDES."""
+    if os.path.exists(os.path.join(source, ".git")):  # a directory, or a file in a git worktree
+        q = shlex.quote
+        return ["bash", "-c", f"set -o pipefail; git -C {q(source)} ls-files -z --cached --others --exclude-standard | "
+                f"tar czf {q(os.path.abspath(tarball))} -C {q(source)} --ignore-failed-read --null -T -"]
+    return ["tar", "czf", tarball, "-C", source, *[f"--exclude={e}" for e in EXCLUDES], "."]
 
 
 def _gcloud_tpu(verb: str, args: argparse.Namespace, *rest: str) -> list[str]:
@@ -82,7 +97,7 @@ def install_command(jax_version: str, python_version: str) -> str:
         f"tar xzf ~/lm-src.tar.gz -C {REMOTE_DIR}",
         f"(test -x {uv} || curl -LsSf https://astral.sh/uv/install.sh | sh)",
         f"{uv} venv --allow-existing --python {python_version} {REMOTE_VENV}",
-        f"{uv} pip install --python {REMOTE_VENV}/bin/python 'jax[tpu]=={jax_version}' -e {REMOTE_DIR}",
+        f"{uv} pip install --python {REMOTE_VENV}/bin/python 'jax[tpu]=={jax_version}' -e {REMOTE_DIR}'[train]'",
         f"{REMOTE_VENV}/bin/python -c 'import jax, lm; print(\"lm installed with jax\", jax.__version__)'",
     ])
 
@@ -98,8 +113,7 @@ def commands(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
             "create", args, args.tpu, f"--accelerator-type={accelerator}",
             f"--version={args.runtime_version or runtime_version(accelerator)}")))
     if not args.skip_install:
-        tar = ["tar", "czf", args.tarball, "-C", args.source_dir, *[f"--exclude={e}" for e in EXCLUDES], "."]
-        out.append(("pack this checkout", tar))
+        out.append(("pack this checkout", pack_command(args.source_dir, args.tarball)))
         out.append(("copy it to every worker",
                     _gcloud_tpu("scp", args, args.tarball, f"{args.tpu}:lm-src.tar.gz", "--worker=all")))
         install = install_command(args.jax_version, args.python_version)
@@ -134,7 +148,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--skip_install", action="store_true", help="only start training (code already installed)")
     ap.add_argument("--detach", action="store_true", help="run under nohup, log to ~/lm-run.log on each worker")
     ap.add_argument("--run", action="store_true", help="execute the commands instead of printing them")
-    ap.add_argument("--source_dir", default=REPO, help=argparse.SUPPRESS)
+    ap.add_argument("--source_dir", default=REPO, help="the repository to pack (default: the root of this "
+                    "checkout, which holds pyproject.toml, lm/ and configs/)")
     ap.add_argument("--tarball", default="/tmp/lm-src.tar.gz", help="local path of the packed checkout")
     ap.add_argument("--jax_version", default=None, help="jax[tpu] version to install (default: the local one)")
     ap.add_argument("--python_version", default="{}.{}".format(*sys.version_info[:2]),
@@ -142,6 +157,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args = ap.parse_args(argv)
     args.overrides = overrides
     args.jax_version = args.jax_version or metadata.version("jax")
+    if not args.skip_install and not os.path.exists(os.path.join(args.source_dir, "pyproject.toml")):
+        ap.error(f"--source_dir={args.source_dir} holds no pyproject.toml: the workers install the repository "
+                 "root (pyproject.toml, lm/, configs/); pass --source_dir=<your checkout of lm>")
     bad = [o for o in overrides if not o.startswith("--config.")]
     if bad:
         ap.error(f"after '--' only --config.<field>=<value> overrides are passed on, got {bad}")

@@ -35,6 +35,7 @@ import numpy as np
 from lm.io import checkpoint as ckpt
 from lm.train import memory
 from lm.io import metrics as mx
+from lm.io.report import headline
 from lm.train import preemption
 from lm.parallel import sharding as shd
 from lm import train
@@ -195,12 +196,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, model_cfg: ModelConf
         valid_batches: Callable[[], Iterable[dict]] | None, make_model: ModelFactory | None = None,
         frozen: dict[str, FrozenModel] | None = None, batch_kind: Any = "tokens",
         prepare_batch: PrepareBatch | None = None,
-        make_prepare_batch: Callable[[train.Setup], PrepareBatch] | None = None) -> RunResult:
+        make_prepare_batch: Callable[[train.Setup], PrepareBatch] | None = None,
+        on_ready: Callable[[], None] | None = None) -> RunResult:
     """Train `config` in `workdir`. make_model: what is trained (default: a Transformer of
     model_cfg); frozen: models the loss reads but never trains; batch_kind: what the train step
     reads (lm/data/batch.py: spec); prepare_batch: turns each global batch from the data into
     the step's batch with the current parameters (RL: rollouts), see `PrepareBatch`;
-    make_prepare_batch: builds it from the planned Setup (graphdefs, mesh) when it needs them."""
+    make_prepare_batch: builds it from the planned Setup (graphdefs, mesh) when it needs them;
+    on_ready: called once everything is validated and compiled, just before the first write to
+    the run directory (the caller writes config.json there: a run that fails validation leaves
+    no run directory behind)."""
     tc = config.train
     mesh = shd.make_mesh(config.mesh)
     _validate(tc, mesh)
@@ -227,6 +232,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, model_cfg: ModelConf
     frozen_args = train.frozen_args(setup, load_frozen(setup, frozen, config.seed))
     rollout_key = jax.random.fold_in(jax.random.key(config.seed), 2)
 
+    if on_ready is not None:
+        on_ready()
     checkpointer = ckpt.Checkpointer(workdir, keep=tc.keep_checkpoints, async_save=tc.async_checkpointing,
                                      config=config, save_delay_s=tc.inject.save_delay_s)
     writer = bar = None
@@ -287,7 +294,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, model_cfg: ModelConf
                 writer.write(done, row)
                 history.append({"step": done, **row})
                 if bar is not None:
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", **{k: f"{v:.4g}" for k, v in headline(row).items()},
+                                    tok_s=f"{tok_s:,.0f}", refresh=False)
             if bar is not None:
                 bar.update(1)
             if tc.inject.step_delay_s:

@@ -1,0 +1,88 @@
+"""The command lines as a new user meets them: the launcher's pack step, sweeps that never
+report a stale run, --help everywhere, one-line errors."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+from lm.cli import config as cli_config
+from lm.cli import errors, launch, sweep
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_launcher_packs_the_repository_root_by_default(tmp_path):
+    tarball = tmp_path / "src.tgz"
+    args = launch.parse(["--tpu=t", "--zone=z", "--config=configs/default.py", "--workdir=/mnt/r",
+                         f"--tarball={tarball}"])
+    assert args.source_dir == REPO
+    pack = dict(launch.commands(args))["pack this checkout"]
+    subprocess.run(pack, check=True, cwd=tmp_path, timeout=60)  # the printed step, run as printed
+    with tarfile.open(tarball) as tar:
+        names = {n.removeprefix("./") for n in tar.getnames()}
+    assert {"pyproject.toml", "lm/__init__.py", "configs/base.py", "README.md"} <= names
+    assert not any(n.startswith((".git/", ".venv/", "runs/")) or "__pycache__" in n for n in names)
+
+
+# -- sweeps ------------------------------------------------------------------------------------------
+
+EXPERIMENT = 'CONFIG = "configs/default.py:tiny"\ndef sweep():\n    return [{"optimizer.lr": 1e-3}, {"optimizer.lr": 1e-2}]\n'
+
+
+def _fake_train(calls):
+    """subprocess.run for lm.cli.train: writes the config.json and summary.json a real run would."""
+    def run(cmd, **_):
+        workdir = next(a.split("=", 1)[1] for a in cmd if a.startswith("--workdir="))
+        overrides = dict(a[len("--config."):].split("=", 1) for a in cmd if a.startswith("--config."))
+        config = cli_config.load(cmd[cmd.index("-m") + 2].split("=", 1)[1], overrides)
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump({"valid_ce": 2.0 + config.train.steps / 100}, f)
+        calls.append(os.path.basename(workdir))
+        return subprocess.CompletedProcess(cmd, 0)
+    return run
+
+
+def test_sweep_reuses_a_run_only_when_its_config_is_the_same(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    exp = tmp_path / "exp.py"
+    exp.write_text(EXPERIMENT)
+    root = tmp_path / "sweep"
+    calls = []
+    monkeypatch.setattr(sweep.subprocess, "run", _fake_train(calls))
+    base = [str(exp), f"--root={root}"]
+    assert sweep.main(base + ["--set", "train.steps=30"]) == 0
+    assert calls == ["lr=0.001", "lr=0.01"]
+    assert sweep.main(base + ["--set", "train.steps=30"]) == 0  # same config: reused
+    assert calls == ["lr=0.001", "lr=0.01"] and "already done" in capsys.readouterr().out
+    # another train.steps: with --on_changed=stop nothing runs and the differing key is named
+    assert sweep.main(base + ["--set", "train.steps=60", "--on_changed=stop"]) == 2
+    assert "train.steps: 30 -> 60" in capsys.readouterr().err and len(calls) == 2
+    # by default the stale runs are moved aside and run again; the table holds only the new numbers
+    assert sweep.main(base + ["--set", "train.steps=60"]) == 0
+    out = capsys.readouterr().out
+    assert calls[2:] == ["lr=0.001", "lr=0.01"] and f"results table: {root}/results.md" in out
+    assert len(list((root / "stale").iterdir())) == 2
+    rows = list(csv.DictReader(open(root / "results.csv")))
+    assert [r["valid_ce"] for r in rows] == ["2.6", "2.6"] and {r["status"] for r in rows} == {"done"}
+
+
+def test_sweep_checks_every_override_before_running_print_only_too(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    exp = tmp_path / "exp.py"
+    exp.write_text(EXPERIMENT)
+    monkeypatch.setattr(sweep.subprocess, "run", lambda *a, **k: pytest.fail("a run started"))
+    for extra in ([], ["--print_only"]):
+        with pytest.raises(AttributeError) as info:
+            sweep.main([str(exp), f"--root={tmp_path}/s", "--set", "optimizer.lrr=1", *extra])
+        assert 'Did you mean "lr"' in errors.message(info.value, info.tb, ["--set", "optimizer.lrr=1"])
+    with pytest.raises(ValueError, match="optimizer.lr=abc"):
+        sweep.main([str(exp), "--print_only", "--set", "optimizer.lr=abc"])
+    assert not (tmp_path / "s").exists()
