@@ -23,7 +23,7 @@ if __name__ == "__main__":  # before jax is imported: glibc settings for XLA:CPU
     from lm.cli import config as config_files
 
     for _arg in sys.argv[1:]:  # configs import each other as `from configs import base`
-        if _arg.startswith("--config=") and _arg.endswith(".py") or ".py:" in _arg and _arg.startswith("--config="):
+        if _arg.startswith("--config="):
             config_files.importable(_arg.split("=", 1)[1])
 
 import json
