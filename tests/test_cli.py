@@ -86,3 +86,30 @@ def test_sweep_checks_every_override_before_running_print_only_too(tmp_path, mon
     with pytest.raises(ValueError, match="optimizer.lr=abc"):
         sweep.main([str(exp), "--print_only", "--set", "optimizer.lr=abc"])
     assert not (tmp_path / "s").exists()
+
+
+# -- every `python -m lm...` answers --help ------------------------------------------------------------
+
+OWNED_ELSEWHERE = {"lm.train.memory"}  # its --help is checked with the fit check
+
+
+def _entry_points() -> list[str]:
+    found = []
+    for folder, _, files in os.walk(os.path.join(REPO, "lm")):
+        for name in files:
+            path = os.path.join(folder, name)
+            if name.endswith(".py") and 'if __name__ == "__main__"' in open(path).read():
+                found.append(os.path.relpath(path, REPO)[:-3].replace(os.sep, ".").removesuffix(".__main__"))
+    return sorted(set(found) - OWNED_ELSEWHERE)
+
+
+def test_every_entry_point_answers_help_with_its_usage_and_status_0():
+    modules = _entry_points()
+    assert {"lm.cli.train", "lm.cli.sweep", "lm.cli.launch", "lm.cli.sample"} <= set(modules)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", LM_TUNE_MALLOC="0")
+    procs = {m: subprocess.Popen([sys.executable, "-m", m, "--help"], cwd=REPO, env=env, text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for m in modules}
+    for module, proc in procs.items():
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, f"{module} --help: exit status {proc.returncode}\n{out[-2000:]}"
+        assert f"python -m {module}" in out and "Traceback" not in out, f"{module} --help:\n{out[-2000:]}"

@@ -78,3 +78,21 @@ def test_without_extras_the_losses_work_on_jax_and_numpy_alone(tmp_path):
     nll = -np.take_along_axis(logp, targets.astype(int)[..., None], -1)[..., 0]
     assert got["count"] == mask.sum() > 0
     assert got["loss"] == pytest.approx((nll * mask).sum() / mask.sum(), rel=1e-5)
+
+
+def test_readme_install_example_is_ten_lines_and_right():
+    import re
+
+    import numpy as np
+
+    section = open(os.path.join(REPO, "README.md")).read().split("## Install", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert len(code.strip().splitlines()) <= 10
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    logits, targets, mask = (np.asarray(scope[k], np.float64) for k in ("logits", "targets", "loss_mask"))
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, targets.astype(int)[..., None], -1)[..., 0]
+    out = scope["out"]
+    assert float(out.count) == mask.sum() == 3
+    assert float(out.sum) / float(out.count) == pytest.approx((nll * mask).sum() / 3, rel=1e-5)

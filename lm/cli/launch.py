@@ -88,7 +88,7 @@ def _quote_remote(arg: str) -> str:
     return arg if arg.startswith("~/") and re.fullmatch(r"[~\w./-]+", arg) else shlex.quote(arg)
 
 
-def install_command(jax_version: str, python_version: str) -> str:
+def install_command(jax_version: str, python_version: str, extras: str = "train") -> str:
     """Unpack the code and install it in a venv. TPU VM images ship an older Python than this
     project needs, so `uv` (installed for the user if missing) provides Python `python_version`."""
     uv = "~/.local/bin/uv"
@@ -97,7 +97,7 @@ def install_command(jax_version: str, python_version: str) -> str:
         f"tar xzf ~/lm-src.tar.gz -C {REMOTE_DIR}",
         f"(test -x {uv} || curl -LsSf https://astral.sh/uv/install.sh | sh)",
         f"{uv} venv --allow-existing --python {python_version} {REMOTE_VENV}",
-        f"{uv} pip install --python {REMOTE_VENV}/bin/python 'jax[tpu]=={jax_version}' -e {REMOTE_DIR}'[train]'",
+        f"{uv} pip install --python {REMOTE_VENV}/bin/python 'jax[tpu]=={jax_version}' -e {REMOTE_DIR}'[{extras}]'",
         f"{REMOTE_VENV}/bin/python -c 'import jax, lm; print(\"lm installed with jax\", jax.__version__)'",
     ])
 
@@ -116,7 +116,9 @@ def commands(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
         out.append(("pack this checkout", pack_command(args.source_dir, args.tarball)))
         out.append(("copy it to every worker",
                     _gcloud_tpu("scp", args, args.tarball, f"{args.tpu}:lm-src.tar.gz", "--worker=all")))
-        install = install_command(args.jax_version, args.python_version)
+        # a gs:// run directory is written through etils.epath, which reaches GCS with gcsfs (the gcs extra)
+        extras = "train,gcs" if args.workdir.startswith("gs://") else "train"
+        install = install_command(args.jax_version, args.python_version, extras)
         out.append(("install it on every worker",
                     _gcloud_tpu("ssh", args, args.tpu, "--worker=all", f"--command={install}")))
     out.append(("train on every worker", _gcloud_tpu("ssh", args, args.tpu, "--worker=all",
@@ -141,7 +143,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--zone", required=True, help="its zone, e.g. us-east5-a")
     ap.add_argument("--project", default=None, help="GCP project (default: gcloud's)")
     ap.add_argument("--config", required=True, help="config file[:arg], relative to the repository root")
-    ap.add_argument("--workdir", required=True, help="run directory on a mount that every worker shares")
+    ap.add_argument("--workdir", required=True, help="run directory that every worker sees: a shared mount or "
+                    "gs://bucket/path")
     ap.add_argument("--create", action="store_true", help="also create the slice first")
     ap.add_argument("--accelerator", default=None, help="accelerator type for --create (default: the config arg)")
     ap.add_argument("--runtime_version", default=None, help="TPU VM software version for --create")
@@ -163,11 +166,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     bad = [o for o in overrides if not o.startswith("--config.")]
     if bad:
         ap.error(f"after '--' only --config.<field>=<value> overrides are passed on, got {bad}")
-    if args.workdir.startswith("gs://"):
-        print(f"warning: --workdir={args.workdir}: orbax can write checkpoints to GCS, but the run directory's "
-              "config.json and metrics are local files; use a mount every worker shares (docs/tpu.md)",
-              file=sys.stderr)
-    elif not args.workdir.startswith("/"):
+    if not args.workdir.startswith(("/", "gs://")):
         print(f"warning: --workdir={args.workdir} is relative: each worker would use its own disk, and no "
               "worker could restore the checkpoint shards of the others; use a shared mount", file=sys.stderr)
     return args

@@ -14,6 +14,8 @@ and the step compiled. A configuration, data or mesh error is one line without a
 from __future__ import annotations
 
 if __name__ == "__main__":  # before jax is imported: glibc settings for XLA:CPU (see lm/cli/runtime.py)
+    import sys
+
     from lm.cli.runtime import tune_malloc
 
     tune_malloc()
@@ -139,5 +141,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    for _arg in sys.argv[1:]:  # absl's --help exits with status 1; a usage request is no error
+        if _arg in ("-h", "--help", "--helpshort", "--helpfull", "-?"):
+            app.usage(shorthelp=_arg != "--helpfull", writeto_stdout=True, exitcode=0)
     jax.config.parse_flags_with_absl()
     sys.exit(app.run(main))
