@@ -113,3 +113,52 @@ def test_every_entry_point_answers_help_with_its_usage_and_status_0():
         out, _ = proc.communicate(timeout=120)
         assert proc.returncode == 0, f"{module} --help: exit status {proc.returncode}\n{out[-2000:]}"
         assert f"python -m {module}" in out and "Traceback" not in out, f"{module} --help:\n{out[-2000:]}"
+
+
+# -- errors, and what a run says ----------------------------------------------------------------------
+
+
+def test_a_config_typo_is_one_line_without_a_literal_newline():
+    from configs import default
+
+    config = default.get_config("tiny")
+    config.lock()
+    for typo in (lambda: config.optimizer.lrr, lambda: setattr(config.optimizer, "lrr", 0.1)):  # read, write
+        with pytest.raises(AttributeError) as info:
+            typo()
+        text = errors.message(info.value, info.tb, ["lm.cli.train", "--config.optimizer.lrr=0.1"])
+        assert text.startswith("config: the override --config.optimizer.lrr names no field")
+        assert 'Did you mean "lr" instead of "lrr"?' in text and "\\n" not in text and "\n" not in text
+    assert errors.message(ValueError("optimizer.lr must be > 0, got -1.0")) == \
+        "ValueError: optimizer.lr must be > 0, got -1.0"
+    assert errors.message(ZeroDivisionError("a bug")) is None  # a bug keeps its traceback
+
+
+def test_target_verdict_says_met_not_met_or_cannot_check():
+    import ml_collections
+
+    from configs import default
+    from lm.io import report
+
+    config = default.get_config()
+    assert report.target_verdict(config, {"relative_gap": 0.015}) == \
+        "target met: relative_gap = 0.015 (stated: <= 0.02)"
+    assert report.target_verdict(config, {"relative_gap": 0.05}).startswith("target NOT met")
+    assert "cannot be checked" in report.target_verdict(config, {})
+    assert report.target_verdict(default.get_config("tiny"), {"relative_gap": 0.5}) is None
+    assert report.target_verdict(ml_collections.ConfigDict({"train": {}}), {}) is None
+
+
+def test_resumed_with_another_config_keeps_the_first_in_config_history(tmp_path):
+    from configs import default
+    from lm.io import checkpoint as ckpt
+
+    first, second = default.get_config("tiny"), default.get_config("tiny")
+    second.optimizer.lr = 0.003
+    assert ckpt.write_config(str(tmp_path), first) == []
+    (tmp_path / "checkpoints" / "8").mkdir(parents=True)
+    assert ckpt.write_config(str(tmp_path), first) == []  # unchanged: nothing kept
+    assert ckpt.write_config(str(tmp_path), second) == ["optimizer.lr: 0.01 -> 0.003"]
+    kept = json.loads((tmp_path / "config_history" / "config.step8.json").read_text())
+    assert kept["optimizer"]["lr"] == 0.01
+    assert json.loads((tmp_path / "config.json").read_text())["optimizer"]["lr"] == 0.003

@@ -45,6 +45,8 @@ def config_key_message(exc: BaseException, argv: list[str]) -> str:
             break
     key, _, hint = text.replace("\\n", "\n").partition("\n")
     key = key.strip("'\"")
+    named = re.match(r'Key "([^"]+)" does not exist', key)  # the message of an assignment to a locked config
+    key = named.group(1) if named else key
     override = next((a.split("=", 1)[0] for a in argv if re.search(rf"\.{re.escape(key)}(=|$)", a.split("=", 1)[0])),
                     None)
     where = f"the override {override}" if override else f"the key {key!r}"

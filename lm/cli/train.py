@@ -111,6 +111,9 @@ def train_and_report(config: ml_collections.ConfigDict, workdir: str,
                             params=result.state.params, valid_batches=valid_batches, frozen=result.frozen,
                             setup=result.setup)
     summary.update(evals.run(config.eval.evaluators, ctx))
+    verdict = report.target_verdict(config, summary)
+    if verdict:
+        summary["target_met"] = verdict.startswith("target met")
     if jax.process_index() == 0:
         paths.write_text(paths.run_path(workdir) / "summary.json", json.dumps(summary, indent=2))
         report.plot_loss(workdir, summary.get("bayes_optimal_ce"))
@@ -118,6 +121,8 @@ def train_and_report(config: ml_collections.ConfigDict, workdir: str,
         last = next((r for r in reversed(result.history) if "loss" in r), None)
         if last and report.headline(last):
             print("last training step: " + ", ".join(f"{k} {v:.4g}" for k, v in report.headline(last).items()))
+        if verdict:
+            print(verdict)
         print("\n".join(console.where_outputs_are(workdir)), flush=True)
     return summary
 

@@ -76,6 +76,22 @@ def print_summary(summary: dict) -> None:
         print(f"throughput: {summary['tokens_per_s']:,.0f} tokens/s, MFU {100 * summary['mfu']:.1f}%")
 
 
+def target_verdict(config: Any, summary: dict) -> str | None:
+    """'target met: relative_gap = 0.0123 <= 0.02' (or 'NOT met', or 'cannot be checked'), or
+    None where the config states no target (config.target.metric empty or absent)."""
+    target = config.get("target") if hasattr(config, "get") else None
+    if not target or not target.get("metric"):
+        return None
+    metric, low, high = target.metric, target.get("min"), target.get("max")
+    bound = " and ".join(([f">= {low:g}"] if low is not None else []) + ([f"<= {high:g}"] if high is not None else []))
+    value = summary.get(metric)
+    if not isinstance(value, (int, float)) or not bound:
+        why = "no bound (target.min / target.max)" if not bound else f"summary.json has no {metric!r}"
+        return f"target {metric} {bound}: cannot be checked ({why})"
+    met = (low is None or value >= low) and (high is None or value <= high)
+    return f"target {'met' if met else 'NOT met'}: {metric} = {value:.4g} (stated: {bound})"
+
+
 def plot_loss(workdir: str, bound: float | None) -> str:
     """loss.png: training loss per logged step, validation points, and the bound if known."""
     import matplotlib

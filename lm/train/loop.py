@@ -294,8 +294,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, model_cfg: ModelConf
                 writer.write(done, row)
                 history.append({"step": done, **row})
                 if bar is not None:
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", **{k: f"{v:.4g}" for k, v in headline(row).items()},
-                                    tok_s=f"{tok_s:,.0f}", refresh=False)
+                    bar.set_postfix({"loss": f"{row['loss']:.4f}",  # the objective's headline metrics next
+                                     **{k: f"{v:.4g}" for k, v in headline(row).items()},
+                                     "tok_s": f"{tok_s:,.0f}"}, refresh=False)
             if bar is not None:
                 bar.update(1)
             if tc.inject.step_delay_s:
