@@ -7,6 +7,7 @@ working directory.
 
     load(config_arg, overrides)   the locked ConfigDict lm.cli.train would run: the same absl /
                                   ml_collections parsing, so an unknown key fails the same way
+    configs_module(name)          `configs.<name>` of this checkout, for code that needs a default
 """
 
 from __future__ import annotations
@@ -42,3 +43,19 @@ def load(config_arg: str, overrides: dict[str, Any]) -> Any:
     except flags.Error as e:  # a value of the wrong type
         raise ValueError(f"config {config_arg}: {e}") from None
     return holder.value
+
+
+def configs_module(name: str) -> Any:
+    """`configs.<name>` of this checkout (the code that needs a default config, e.g. the HF
+    importer's run config), found beside the `lm` package whatever the working directory."""
+    import importlib
+
+    import lm
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(lm.__file__)))
+    if not os.path.exists(os.path.join(root, "configs", "__init__.py")):
+        raise ModuleNotFoundError(f"configs/{name}.py is read from a checkout of lm (it is not installed); "
+                                  f"none beside {os.path.dirname(lm.__file__)}: install lm from its checkout "
+                                  "(pip install -e '.[train]')", name=f"configs.{name}")
+    importable(os.path.join(root, "configs", f"{name}.py"))
+    return importlib.import_module(f"configs.{name}")

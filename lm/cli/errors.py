@@ -67,16 +67,18 @@ def message(exc: BaseException, tb=None, argv: list[str] | None = None) -> str |
     return None
 
 
-def install(prog: str) -> None:
-    """Print user errors as `prog: error: <message>` (exit status 1, as for any uncaught exception)."""
+def install(prog: str, *, verbose_flag: bool = False) -> None:
+    """Print user errors as `prog: error: <message>` (exit status 1, as for any uncaught exception).
+    verbose_flag: the command line takes --verbose (else only LM_VERBOSE=1 is suggested)."""
     previous = sys.excepthook
+    how = f"--verbose or {VERBOSE_ENV}=1" if verbose_flag else f"{VERBOSE_ENV}=1"
 
     def hook(exc_type, exc, tb):
         text = None if verbose() else message(exc, tb)
         if text is None:
             previous(exc_type, exc, tb)
             return
-        sys.stderr.write(f"{prog}: error: {text}\n  (the traceback: rerun with --verbose or {VERBOSE_ENV}=1)\n")
+        sys.stderr.write(f"{prog}: error: {text}\n  (the traceback: rerun with {how})\n")
         sys.stderr.flush()
 
     sys.excepthook = hook

@@ -190,4 +190,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from lm.cli import errors
+
+    errors.install("lm.cli.launch")
     sys.exit(main())

@@ -21,7 +21,7 @@ if __name__ == "__main__":  # before jax is imported: glibc settings for XLA:CPU
     tune_malloc()
     from lm.cli import errors
 
-    errors.install("lm.cli.train")
+    errors.install("lm.cli.train", verbose_flag=True)
     from lm.cli import config as config_files
 
     for _arg in sys.argv[1:]:  # configs import each other as `from configs import base`
