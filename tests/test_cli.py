@@ -132,6 +132,7 @@ def test_a_config_typo_is_one_line_without_a_literal_newline():
     assert errors.message(ValueError("optimizer.lr must be > 0, got -1.0")) == \
         "ValueError: optimizer.lr must be > 0, got -1.0"
     assert errors.message(ZeroDivisionError("a bug")) is None  # a bug keeps its traceback
+    assert errors.verbose(["lm.cli.train", "--verbose"]) and not errors.verbose(["lm.cli.train"])
 
 
 def test_target_verdict_says_met_not_met_or_cannot_check():
