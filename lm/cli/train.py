@@ -31,6 +31,7 @@ if __name__ == "__main__":  # before jax is imported: glibc settings for XLA:CPU
 import json
 import os
 import sys
+import traceback
 
 import jax
 import ml_collections
@@ -141,6 +142,11 @@ def main(argv):
     log = console.ConsoleLog(enabled=jax.process_index() == 0)
     try:
         train_and_report(config, workdir, console_log=log)
+    except Exception as e:  # the error that ends the run goes into console.log too
+        from lm.cli import errors
+
+        log.note("error: " + (errors.message(e) or "".join(traceback.format_exception(e))))
+        raise
     finally:
         log.close()
 

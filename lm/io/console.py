@@ -68,6 +68,13 @@ class ConsoleLog:
             self.add("")
         return str(path)
 
+    def note(self, text: str) -> None:
+        """Write `text` to console.log only (once attached): e.g. the error that ends the run,
+        which the excepthook prints after the streams are restored."""
+        if self.enabled and self._file is not None:
+            self.add("")
+            self._file.write(text if text.endswith("\n") else text + "\n")
+
     def close(self) -> None:
         if not self.enabled:
             return

@@ -203,9 +203,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, model_cfg: ModelConf
     reads (lm/data/batch.py: spec); prepare_batch: turns each global batch from the data into
     the step's batch with the current parameters (RL: rollouts), see `PrepareBatch`;
     make_prepare_batch: builds it from the planned Setup (graphdefs, mesh) when it needs them;
-    on_ready: called once everything is validated and compiled, just before the first write to
-    the run directory (the caller writes config.json there: a run that fails validation leaves
-    no run directory behind)."""
+    on_ready: called once everything is validated and compiled and the start state restored,
+    before the first step (the caller writes config.json then: a run that fails validation
+    leaves no config behind, a resume that fails leaves the run's config.json as it was)."""
     tc = config.train
     mesh = shd.make_mesh(config.mesh)
     _validate(tc, mesh)
@@ -232,8 +232,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, model_cfg: ModelConf
     frozen_args = train.frozen_args(setup, load_frozen(setup, frozen, config.seed))
     rollout_key = jax.random.fold_in(jax.random.key(config.seed), 2)
 
-    if on_ready is not None:
-        on_ready()
     checkpointer = ckpt.Checkpointer(workdir, keep=tc.keep_checkpoints, async_save=tc.async_checkpointing,
                                      config=config, save_delay_s=tc.inject.save_delay_s)
     writer = bar = None
@@ -241,6 +239,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, model_cfg: ModelConf
     watcher = preemption.PreemptionWatcher().start()  # a SIGTERM while compiling stops after the first step
     try:
         state, start, skipped = initial_state(tc, checkpointer, setup, state, optimizer, train_iter)
+        if on_ready is not None:  # restored too: a checkpoint that does not fit leaves config.json as it was
+            on_ready()
         writer = mx.MetricsWriter(workdir, wandb_cfg=config.wandb, config=config, resume_step=start)
         eval_fn = train.make_eval_step(make_loss_fn(setup.graphdef), setup)
         peak = tc.peak_flops or mx.measure_peak_flops()
