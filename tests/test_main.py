@@ -68,6 +68,10 @@ def test_rerun_resumes_without_duplicating_steps(tiny_run):
     assert "resumed from" in proc.stdout
     steps = [r["step"] for r in _metrics(workdir) if "loss" in r]
     assert steps == [2, 4, 6, 8, 10, 12]
+    # the changed key is printed and the first segment's config kept
+    assert "resuming with a changed config: 1 key(s) differ" in proc.stdout and "train.steps: 8 -> 12" in proc.stdout
+    assert json.load(open(os.path.join(workdir, "config_history", "config.step8.json")))["train"]["steps"] == 8
+    assert json.load(open(os.path.join(workdir, "config.json")))["train"]["steps"] == 12
 
 
 def test_unknown_config_key_names_the_close_match(tmp_path):
