@@ -43,6 +43,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from lm.io import paths
+from lm.io.run_config import config_differences, read_config, write_config  # noqa: F401 (this module's API too)
 from lm.io.checksum import fingerprints, fingerprints_json, leaves_by_path, start_fingerprints
 
 TMP_MARK = ".orbax-checkpoint-tmp"  # orbax's suffix for a step directory still being written
@@ -364,60 +365,6 @@ def stored_param_shapes(path: str) -> tuple[str, int, dict[str, tuple]]:
     finally:
         reader.close()
     return directory, step, {k[len("params/"):]: tuple(v.shape) for k, v in stored.items() if k.startswith("params/")}
-
-
-def flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': 1}} -> {'a.b': 1}: the dotted keys of a nested dict (a config's JSON)."""
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out.update(flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def config_differences(old: dict, new: dict) -> list[str]:
-    """['optimizer.lr: 0.001 -> 0.003', ...]: the dotted keys whose values differ (sorted)."""
-    a, b = flat(old), flat(new)
-    missing = object()
-    return [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}" for k in sorted(set(a) | set(b))
-            if a.get(k, missing) != b.get(k, missing)]
-
-
-def write_config(workdir: str, config: ml_collections.ConfigDict) -> list[str]:
-    """Write `workdir/config.json`. Where one with other values is already there (a run resumed
-    with a changed config), it is kept first as config_history/config.step<N>.json, N the newest
-    checkpoint's step (the step that config trained up to). Returns the differences (old -> new);
-    [] for a new run or an unchanged config."""
-    run = paths.run_path(workdir)
-    text = config.to_json_best_effort(indent=2, sort_keys=True)
-    path = run / "config.json"
-    changes: list[str] = []
-    if path.exists():
-        old_text = path.read_text()
-        try:
-            changes = config_differences(json.loads(old_text), json.loads(text))
-        except ValueError:  # unreadable: keep it all the same
-            changes = ["config.json: (unreadable) -> (this run's)"]
-        if changes:
-            ckpts = run / "checkpoints"
-            step = max(_steps_in(ckpts), default=0) if ckpts.is_dir() else 0
-            dest = run / "config_history" / f"config.step{step}.json"
-            n = 1
-            while dest.exists():
-                n += 1
-                dest = run / "config_history" / f"config.step{step}.{n}.json"
-            paths.write_text(dest, old_text)
-    paths.write_text(path, text)
-    return changes
-
-
-def read_config(workdir: str) -> ml_collections.ConfigDict:
-    path = paths.run_path(workdir) / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: is {workdir!r} a run directory of lm?")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 def load_for_inference(run_dir: str, step: int | None = None):

@@ -121,4 +121,5 @@ def where_outputs_are(workdir: str) -> list[str]:
     run = paths.run_path(workdir)
     names = [("checkpoints", "checkpoints/"), ("metrics", "metrics.jsonl"), ("loss plot", "loss.png"),
              ("summary", "summary.json"), ("config", "config.json"), ("console log", LOG_NAME)]
-    return [f"outputs in {run}: " + ", ".join(f"{what} {name}" for what, name in names if (run / name.rstrip("/")).exists())]
+    present = [f"{what} {name}" for what, name in names if (run / name.rstrip("/")).exists()]
+    return [f"outputs in {run}: " + ", ".join(present)]
