@@ -163,3 +163,33 @@ def test_resumed_with_another_config_keeps_the_first_in_config_history(tmp_path)
     kept = json.loads((tmp_path / "config_history" / "config.step8.json").read_text())
     assert kept["optimizer"]["lr"] == 0.01
     assert json.loads((tmp_path / "config.json").read_text())["optimizer"]["lr"] == 0.003
+
+
+def test_a_gpu_that_jax_does_not_use_is_a_loud_warning(monkeypatch):
+    from lm.io import console
+
+    monkeypatch.setattr(console.shutil, "which", lambda name: "/usr/bin/nvidia-smi" if name == "nvidia-smi" else None)
+    warning = console.gpu_without_jax_gpu("cpu")
+    assert warning.startswith("WARNING:") and "pip install -e '.[gpu]'" in warning
+    assert console.gpu_without_jax_gpu("gpu") is None
+    monkeypatch.setattr(console.shutil, "which", lambda name: None)
+    monkeypatch.setattr(console.glob, "glob", lambda pattern: [])
+    assert console.gpu_without_jax_gpu("cpu") is None
+
+
+def test_console_log_keeps_what_was_printed_before_the_run_directory_and_a_bar_s_last_state(tmp_path, capsys):
+    from lm.io import console
+
+    log = console.ConsoleLog()
+    try:
+        print("validated")
+        assert not (tmp_path / "run").exists()  # nothing written before attach
+        path = log.attach(str(tmp_path / "run"))
+        sys.stderr.write("  0%| 0/8\r 50%| 4/8\r100%| 8/8\n")
+        print("done")
+        log.note("error: only in the file")
+    finally:
+        log.close()
+    lines = open(path).read().splitlines()
+    assert lines[1:] == ["validated", "100%| 8/8", "done", "error: only in the file"]
+    assert "only in the file" not in capsys.readouterr().out

@@ -2,6 +2,7 @@
 a fresh venv with the built wheel computes a masked cross-entropy; everything else names the
 extra it needs; no top-level `configs` package is installed."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -43,8 +44,13 @@ CHECK = textwrap.dedent("""
 @pytest.mark.slow
 def test_without_extras_the_losses_work_on_jax_and_numpy_alone(tmp_path):
     wheels = tmp_path / "wheels"
-    subprocess.run([*PIP, "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels), REPO],
-                   check=True, capture_output=True, timeout=120)
+    # this environment's setuptools builds it where there is one (fast); else pip's isolated build
+    isolation = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
+    build = subprocess.run([*PIP, "wheel", "-q", "--no-deps", *isolation, "-w", str(wheels), REPO],
+                           capture_output=True, text=True, timeout=300)
+    if build.returncode and any(sign in build.stderr for sign in OFFLINE_SIGNS):
+        pytest.skip(f"PyPI is unreachable, the wheel cannot be built: {build.stderr.strip()[-300:]}")
+    assert build.returncode == 0, build.stderr[-2000:]
     (wheel,) = wheels.iterdir()
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
