@@ -4,6 +4,7 @@ extra it needs; no top-level `configs` package is installed."""
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -46,7 +47,11 @@ def test_without_extras_the_losses_work_on_jax_and_numpy_alone(tmp_path):
     wheels = tmp_path / "wheels"
     # this environment's setuptools builds it where there is one (fast); else pip's isolated build
     isolation = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
-    build = subprocess.run([*PIP, "wheel", "-q", "--no-deps", *isolation, "-w", str(wheels), REPO],
+    source = tmp_path / "source"  # a copy: the build writes build/ and *.egg-info beside its sources
+    shutil.copytree(os.path.join(REPO, "lm"), source / "lm", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(os.path.join(REPO, name), source / name)
+    build = subprocess.run([*PIP, "wheel", "-q", "--no-deps", *isolation, "-w", str(wheels), str(source)],
                            capture_output=True, text=True, timeout=300)
     if build.returncode and any(sign in build.stderr for sign in OFFLINE_SIGNS):
         pytest.skip(f"PyPI is unreachable, the wheel cannot be built: {build.stderr.strip()[-300:]}")
@@ -62,7 +67,7 @@ def test_without_extras_the_losses_work_on_jax_and_numpy_alone(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
     python = str(venv / "bin" / "python")
-    # no PYTHONPATH: the build's lm_mle.egg-info in the checkout would read as "already installed"
+    # no PYTHONPATH: the project on it would read as "already installed"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}
     install = subprocess.run([*PIP, "--python", python, "install", "-q", "--no-compile", str(wheel)],
                              capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
