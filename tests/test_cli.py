@@ -193,3 +193,17 @@ def test_console_log_keeps_what_was_printed_before_the_run_directory_and_a_bar_s
     lines = open(path).read().splitlines()
     assert lines[1:] == ["validated", "100%| 8/8", "done", "error: only in the file"]
     assert "only in the file" not in capsys.readouterr().out
+
+
+def test_append_file_on_an_object_store_rewrites_the_whole_file(tmp_path, monkeypatch):
+    from lm.io import paths
+
+    assert str(paths.run_path("gs://bucket/runs/x")) == "gs://bucket/runs/x"  # URLs kept, local paths absolute
+    assert str(paths.run_path("~/r")) == os.path.expanduser("~/r")
+    (tmp_path / "m.jsonl").write_text('{"step": 1}\n')  # a resumed run's earlier lines are kept
+    monkeypatch.setattr(paths, "is_remote", lambda path: True)  # object stores cannot append
+    log = paths.AppendFile(tmp_path / "m.jsonl", flush_s=3600)
+    log.write('{"step": 2}\n')
+    assert (tmp_path / "m.jsonl").read_text() == '{"step": 1}\n'  # held until flush_s or close
+    log.close()
+    assert (tmp_path / "m.jsonl").read_text() == '{"step": 1}\n{"step": 2}\n'
