@@ -204,7 +204,8 @@ def _splash_kernel(heads: int, t: int, block: int, interpret: bool):
     mask = sa.MultiHeadMask([sa.CausalMask((t, t)) for _ in range(heads)])
     sizes = sa.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                           block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
-    return sa.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+    with jax.ensure_compile_time_eval():  # concrete mask tables, not tracers of the first trace that asks
+        return sa.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
 def splash_attention(q, k, v, segment_ids, *, interpret: bool = False, mesh=None):
