@@ -37,7 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.attention_block = 64  # causal attention in blocks of this many queries, skipping masked key blocks; 0: off
     m.attention_impl = "auto"  # auto | dense | blockwise | splash | cudnn | pallas_gpu (lm/model/attention_ops.py);
     # auto picks by the platform compiled for: TPU splash; GPU cudnn (bfloat16), else pallas_gpu; CPU dense
-    # below 8192 tokens per row, blockwise (flash-style XLA, memory O(T·block)) from there
+    # below 512 tokens per row, blockwise (flash-style XLA in blocks of attention_block, memory O(T·block)) from there
     m.decode_block = 0  # cached decoding attends to all slots; b > 0: the filled ones rounded up to a multiple of b
     m.init_scale = 1.0  # multiplies every initial standard deviation
     m.qkv_bias = False  # biases on the q, k, v projections (Qwen2): params blocks.attn.bq [L, H, hd], bk, bv [L, K, hd]

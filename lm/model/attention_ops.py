@@ -26,7 +26,7 @@ Implementations (`ModelConfig.attention_impl`):
   to H; head dim a power of two. Interpret mode off GPU (tests).
 - `auto`: by the platform compiled for (lm/model/platform.py): TPU → splash; GPU → cudnn for
   bfloat16 with head dim a multiple of 8 up to 128, else pallas_gpu for a power-of-two head dim,
-  else blockwise; CPU → dense below `CPU_BLOCKWISE_MIN_T` tokens, blockwise from there
+  else blockwise; CPU → dense below `CPU_BLOCKWISE_MIN_T` (512) tokens, blockwise from there
   (benchmarks/bench_attention.py).
 
 Decoding with a KV cache is served by the layer's cached dense path for every implementation
@@ -49,8 +49,9 @@ from lm.model.platform import compile_platform, context_mesh
 
 Array = jax.Array
 IMPLS = ATTENTION_IMPLS
-CPU_BLOCKWISE_MIN_T = 8192  # auto on CPU: dense below this many tokens per row, blockwise from here
-BLOCKWISE_BLOCK = 512  # blockwise's block when model.attention_block is 0
+CPU_BLOCKWISE_MIN_T = 512  # auto on CPU: dense below this many tokens per row, blockwise from here (measured:
+# benchmarks/README.md, bench_attention.py: blockwise is faster from 512 tokens, dense not slower below)
+BLOCKWISE_BLOCK = 128  # blockwise's block when model.attention_block is 0 (the fastest measured on CPU)
 
 
 def resolve_attention_impl(cfg, mesh=None, seq_len: int | None = None) -> str:
