@@ -81,10 +81,10 @@ def test_dense_causal_blocks_equal_one_block():
     assert_same_as_dense(lambda *a: ops.dense_attention(*a, block=16), 48, 4, 1)
 
 
-@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (8, 2)])
-def test_splash_interpret_equals_dense(heads, kv_heads):
-    # T = 150: padded to 256 for the kernel (2 blocks of 128 would need T > 256 and twice the time)
-    assert_same_as_dense(lambda *a: ops.splash_attention(*a, interpret=True), 150, heads, kv_heads)
+def test_splash_interpret_equals_dense():
+    # GQA 4 (the kernel maps query head h to kv head h // 4 itself; ratios 1 and 2 take the same
+    # path); T = 150: padded to 256 for the kernel, one block (more would double the test's time)
+    assert_same_as_dense(lambda *a: ops.splash_attention(*a, interpret=True), 150, 8, 2)
 
 
 def test_pallas_gpu_interpret_equals_dense():
@@ -125,16 +125,15 @@ def test_model_with_blockwise_equals_dense_and_prefills_the_same_cache():
         graphdef, params = nnx.split(model)
 
         @jax.jit
-        def run(params):
-            loss = lambda p: jnp.sum(nnx.merge(graphdef, p)(tokens, pos, seg) * (seg > 0)[..., None])  # noqa: E731
-            model = nnx.merge(graphdef, params)  # prefill into an empty cache: by `impl`, then cached
+        def run(params):  # training logits, and a prefill into an empty cache (by `impl` as well)
+            model = nnx.merge(graphdef, params)
+            logits = model(tokens, pos, seg) * (seg > 0)[..., None]
             _, cache = model.forward(tokens, pos, seg, cache=model.init_cache(4, 48), cache_index=0)
             filled = cache["segment_ids"] != 0  # [B, S]: padding slots hold whatever padding computed
-            kv = (cache["k"] * filled[None, :, None, None, :], cache["v"] * filled[None, :, None, :, None])
-            return jax.value_and_grad(loss)(params), kv
+            return logits, cache["k"] * filled[None, :, None, None, :], cache["v"] * filled[None, :, None, :, None]
 
         results.append(run(params))
-    close = lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-4, rtol=1e-4)  # noqa: E731
+    close = lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5, rtol=1e-5)  # noqa: E731
     jax.tree.map(close, results[1], results[0])
 
 
