@@ -59,7 +59,8 @@ def context_mesh() -> jax.sharding.Mesh | jax.sharding.AbstractMesh | None:
         return abstract
     from jax._src import mesh as mesh_lib  # the `with mesh:` context has no public getter
 
-    physical = mesh_lib.thread_resources.env.physical_mesh
+    env = getattr(getattr(mesh_lib, "thread_resources", None), "env", None)
+    physical = getattr(env, "physical_mesh", None)
     if physical is not None and not physical.empty:
         return physical
     sharding = hints.sharding_for(("batch",), (1,))
