@@ -162,7 +162,8 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
         model without gradient).
       beta: β > 0, the KL-regularization strength.
       chosen_counts, rejected_counts: ``[B]`` response token counts (ipo only). A kept pair
-        with a count of 0 gives NaN (loudly).
+        with a count of 0 divides its log-ratio by 0: its loss is +inf (NaN only where that
+        log-ratio is exactly 0 too), loudly, never a silent 0; give such a pair weight 0.
       weights: ``[B]`` pair weights (default 1); no gradient.
     Returns a :class:`DPOOutput`: the loss sum and count, and the implicit-reward sums (no
     gradient; β·ρ with the unnormalized ρ for every loss type) that :func:`dpo_metrics` turns
