@@ -131,6 +131,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.rl.max_new_tokens = 8  # N, the horizon
         c.rl.max_answer_tokens = 1  # no answers
         c.rl.reward = "markov"
+        c.rl.on_reward_error = "skip"  # a character outside the alphabet (rare): masked and counted, as markov_gain does
         c.rl.reward_options.alphabet = "abcdefgh"  # = data.markov.alphabet
         c.rl.kl_coef = 0.5  # β of J = E[r] − β·KL(π‖π_ref)
         c.rl.kl_penalty = "reward"  # the sampled KL in the reward: the gradient of J itself
