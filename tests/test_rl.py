@@ -273,3 +273,29 @@ def test_on_policy_ratio_is_one_under_temperature_and_top_p(tiny_run):
     _, sums = jax.jit(objective.make_loss_fn(config, setup.graphdef))(params, batch, None, None)
     ratio_sum, n = sums["means"]["policy/ratio"]
     np.testing.assert_allclose(float(ratio_sum / n), 1.0, atol=1e-6)
+
+
+def test_dynamic_sampling_drops_counts_and_refills(tiny_run):
+    """rl.dynamic_sampling: with the exact-match reward a random tiny policy scores 0 on every
+    completion, so every group is all-equal: each round drops and counts them all, and after
+    rl.dynamic_sampling_max_rounds refills the batch keeps them with weight 0 (nothing trains on
+    them); with char_fraction the groups are mixed and nothing is dropped."""
+    config, result = tiny_run
+    setup = result.setup
+    objective = objectives.get("grpo")
+    config = config.copy_and_resolve_references()
+    config.rl.dynamic_sampling, config.rl.dynamic_sampling_max_rounds = True, 1
+    prepare = objective.make_prepare_batch(config, setup, TOK)
+    prompts = train.global_batch(
+        objective.make_train_iter(config, TOK, batch_size=config.train.batch_size).__next__(), setup.mesh)
+    n_groups = config.train.batch_size // config.rl.group_size
+    for reward, dropped in (("char_fraction", False), ("exact_match", True)):
+        prepare.rollouts.rule = rw.RuleReward(reward, config.rl.reward_options)  # same compiled sampler and scorer
+        batch, metrics = prepare(result.state.params, prompts, jax.random.key(3), result.frozen)
+        if dropped:
+            assert metrics["rl/dynamic_dropped_groups"] == 2 * n_groups and metrics["rl/dynamic_rounds"] == 2
+            assert metrics["rl/dynamic_unfilled_groups"] == n_groups
+            assert float(np.sum(batch["loss_mask"])) == 0.0
+        else:
+            assert metrics["rl/dynamic_dropped_groups"] == 0 and metrics["rl/dynamic_unfilled_groups"] == 0
+            assert float(np.sum(batch["loss_mask"])) > 0

@@ -48,6 +48,7 @@ from lm import losses, rewards as rw
 from lm.data import batch as batch_contract
 from lm.parallel import sharding as shd
 from lm.sampling.rollout import COMPILER_OPTIONS as ROLLOUT_COMPILER_OPTIONS
+from lm.objectives._dynamic_sampling import overlong, refill
 from lm.sampling.filters import behaviour_logprobs
 from lm.sampling.rollout import completion_values, left_padded, rollout, sequences, stop_array, stop_ids_of
 from lm.train.state import FrozenModel
@@ -188,7 +189,8 @@ def token_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 class Rollouts:
-    """Step 1–3 of the module docstring for one run: `sample`, `rewards` and `refill`."""
+    """Step 1–3 of the module docstring for one run: `sample` and `rewards` (and, with dynamic
+    sampling, lm/objectives/_dynamic_sampling.py's `refill`)."""
 
     def __init__(self, config: Any, setup: Any, tokenizer: Any):
         check(config)
@@ -255,52 +257,6 @@ class Rollouts:
         fill = np.where(ok.any(1), (grouped * ok).sum(1) / np.maximum(ok.sum(1), 1), 0.0)
         values = np.where(ok, grouped, fill[:, None]).reshape(-1).astype(np.float32)
         return values, valid.astype(np.float32), {"rl/reward_skipped": float(self.rule.skipped)}
-
-    def refill(self, params: Any, prompts: dict, key: jax.Array, seq: dict, out: dict):
-        """DAPO's dynamic sampling: groups whose G rewards (overlong penalty included) are all equal
-        carry no gradient; they are dropped and counted, and the step's prompts are sampled again
-        (fresh keys, up to rl.dynamic_sampling_max_rounds more rollouts) until the batch holds
-        only mixed groups. Groups still missing then are the last dropped ones with valid = 0
-        (masked out of the loss, counted in rl/dynamic_unfilled_groups).
-        → (seq, out, rewards, valid, metrics) of the refilled batch, rows group-major."""
-        rc = self.config.rl
-        n_groups = out["tokens"].shape[0] // self.group
-        kept: list[tuple] = []
-        dropped_total, rounds, last_dropped = 0, 0, []
-        host_metrics: dict = {}
-        for r in range(rc.dynamic_sampling_max_rounds + 1):
-            if r:
-                seq, out = self.sample(params, prompts, jax.random.fold_in(key, r))
-            values, valid, host_metrics = self.host_rewards(prompts, out)
-            rounds += 1
-            scored = values + np.asarray(overlong(rc, to_host(out["lengths"])))
-            equal = np.asarray(losses.equal_reward_groups(scored, self.group))
-            seq_h = {k: to_host(v) for k, v in seq.items()}
-            out_h = {k: to_host(v) for k, v in out.items()}
-            for g in range(n_groups):
-                rows = slice(g * self.group, (g + 1) * self.group)
-                piece = ({k: v[rows] for k, v in seq_h.items()}, {k: v[rows] for k, v in out_h.items()},
-                         values[rows], valid[rows])
-                (last_dropped if equal[g] else kept).append(piece)
-            dropped_total += int(equal.sum())
-            if len(kept) >= n_groups:
-                break
-        unfilled = max(n_groups - len(kept), 0)
-        pieces = kept[:n_groups] + [(s_, o_, v_, np.zeros_like(m_)) for s_, o_, v_, m_ in last_dropped[-unfilled:]][:unfilled]
-        cat = lambda i: {k: np.concatenate([p[i][k] for p in pieces]) for k in pieces[0][i]}  # noqa: E731
-        rows = lambda tree: jax.tree.map(lambda v: jax.device_put(v, self.rows), tree)  # noqa: E731
-        values = np.concatenate([p[2] for p in pieces]).astype(np.float32)
-        valid = np.concatenate([p[3] for p in pieces]).astype(np.float32)
-        metrics = {**host_metrics, "rl/dynamic_dropped_groups": float(dropped_total),
-                   "rl/dynamic_rounds": float(rounds), "rl/dynamic_unfilled_groups": float(unfilled)}
-        return rows(cat(0)), rows(cat(1)), self.put(values), self.put(valid), metrics
-
-
-def overlong(rc: Any, lengths) -> jax.Array:
-    """DAPO's soft overlong penalty of each completion [B] (0 with rl.overlong_cache = 0)."""
-    if not rc.overlong_cache:
-        return jnp.zeros(jnp.shape(lengths), jnp.float32)
-    return losses.overlong_penalty(lengths, rc.max_new_tokens, rc.overlong_cache)
 
 
 def rollout_metrics(rewards, valid, mask, old_logprobs, ref_logprobs, entropy, out: dict, prompt_len: int,
@@ -386,7 +342,7 @@ def prepare_with(rollouts: Rollouts, score, updates_per_rollout: int):
     def prepare_batch(params, prompts, rng, frozen):
         seq, out = rollouts.sample(params, prompts, rng)
         if rollouts.config.rl.dynamic_sampling:
-            seq, out, rewards, valid, host = rollouts.refill(params, prompts, rng, seq, out)
+            seq, out, rewards, valid, host = refill(rollouts, params, prompts, rng, seq, out)
         else:
             rewards, valid, host = rollouts.rewards(prompts, out)
         batch, metrics = score(params, seq, out, rewards, valid, frozen)
