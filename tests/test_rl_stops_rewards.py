@@ -127,7 +127,7 @@ def test_stacked_kv_cache_is_updated_in_place_and_decodes_the_same():
     cfg = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=2, num_kv_heads=1, mlp_dim=64,
                       scan_layers=True)
     graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
-    batch, prompt_len, new = 4, 8, 8
+    batch, prompt_len, new = 4, 8, 12  # 20 slots ≠ head_dim 16: k and v caches of different shapes
     prompt = left_padded(jnp.full((batch, prompt_len), 7, jnp.int32), jnp.full((batch,), prompt_len, jnp.int32))
     knobs = {"temperature": np.float32(1.0), "top_k": np.int32(0), "top_p": np.float32(1), "min_p": np.float32(0)}
 
