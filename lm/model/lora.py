@@ -104,7 +104,7 @@ def add_adapters(model: nnx.Module, names: list[str], rank: int, scale: float, r
     Returns the number of weights adapted."""
     wanted = {TARGETS[n][0]: TARGETS[n] for n in names}
     count = 0
-    for _, module in model.iter_modules():
+    for _, module in nnx.iter_modules(model):
         hits = [attr for attr in wanted if isinstance(getattr(module, attr, None), (nnx.Param, QuantizedWeight))]
         for attr in hits:
             _, _, in_axes, per_layer_ndim = wanted[attr]
@@ -131,7 +131,7 @@ def quantize_base(model: nnx.Module, base_dtype: str, block: int) -> None:
         raise ValueError(f"lora.base_dtype must be 'float32', 'bfloat16', 'int8' or 'nf4', got {base_dtype!r}")
     if base_dtype == "float32":
         return
-    for _, module in list(model.iter_modules()):
+    for _, module in list(nnx.iter_modules(model)):
         for attr, var in list(vars(module).items()):
             if not isinstance(var, nnx.Param) or isinstance(var, nnx.LoRAParam):
                 continue
@@ -142,6 +142,37 @@ def quantize_base(model: nnx.Module, base_dtype: str, block: int) -> None:
                                                       base_dtype, block, axis, name=attr))
             elif jnp.issubdtype(var[...].dtype, jnp.floating):
                 var.set_value(var[...].astype(jnp.bfloat16))
+
+
+def _plus_adapter(w: Array, a: Array, b: Array, scale: float, per_layer_ndim: int) -> Array:
+    """W + s·A·B in float32, for W [*lead, *in, *out], A [*lead, *in, r], B [*lead, r, *out]."""
+    lead = w.ndim - per_layer_ndim
+    a2 = a.astype(jnp.float32).reshape(*a.shape[:lead], -1, a.shape[-1])  # [*lead, in, r]
+    b2 = b.astype(jnp.float32).reshape(*b.shape[:lead + 1], -1)  # [*lead, r, out]
+    return w.astype(jnp.float32) + scale * jnp.matmul(a2, b2).reshape(w.shape)
+
+
+def fold_in(model: nnx.Module) -> nnx.Module:
+    """`model` with, in place, every adapter folded into its weight (W + s·A·B, float32) and
+    every quantized weight dequantized (float32): a plain model again, for layouts that read the
+    weights directly (lm/model/cpu.py) and for export. A model with neither is left as it is."""
+    for _, module in list(nnx.iter_modules(model)):
+        for attr in [a for a in ATTRS if hasattr(module, a)]:
+            var = getattr(module, attr)
+            adapted = hasattr(module, attr + SUFFIX_A)
+            if not adapted and not isinstance(var, QuantizedWeight):
+                continue
+            axes = (var.codes if isinstance(var, QuantizedWeight) else var).get_metadata()["logical_axes"]
+            w = kernel(var)
+            if adapted:
+                w = _plus_adapter(w, getattr(module, attr + SUFFIX_A)[...], getattr(module, attr + SUFFIX_B)[...],
+                                  module.lora_scaling, TARGETS[ATTRS[attr]][3])
+                delattr(module, attr + SUFFIX_A)
+                delattr(module, attr + SUFFIX_B)
+            setattr(module, attr, nnx.Param(w.astype(jnp.float32), logical_axes=tuple(axes)))
+        if hasattr(module, "lora_scaling"):
+            delattr(module, "lora_scaling")
+    return model
 
 
 def merge_weights(params: dict, scale: float, dtype=None) -> dict:
@@ -167,19 +198,14 @@ def merge_weights(params: dict, scale: float, dtype=None) -> dict:
         else:
             w, store = value, dtype or value.dtype
         if key + SUFFIX_A in params:
-            a, b = params[key + SUFFIX_A], params[key + SUFFIX_B]
-            _, _, in_axes, per_layer_ndim = TARGETS[ATTRS[key]]
-            lead = w.ndim - per_layer_ndim
-            a2 = a.astype(jnp.float32).reshape(*a.shape[:lead], -1, a.shape[-1])  # [*lead, in, r]
-            b2 = b.astype(jnp.float32).reshape(*b.shape[:lead + 1], -1)  # [*lead, r, out]
-            w = w.astype(jnp.float32) + scale * jnp.matmul(a2, b2).reshape(w.shape)
+            w = _plus_adapter(w, params[key + SUFFIX_A], params[key + SUFFIX_B], scale, TARGETS[ATTRS[key]][3])
         out[key] = jnp.asarray(w).astype(store)
     return out
 
 
 def is_adapter(path: tuple, var=None) -> bool:
     """nnx filter / path test: an adapter array (its key ends in _lora_a / _lora_b)."""
-    return str(path[-1]).endswith((SUFFIX_A, SUFFIX_B))
+    return str(getattr(path[-1], "key", path[-1])).endswith((SUFFIX_A, SUFFIX_B))
 
 
 def adapters_off(params: dict) -> dict:
