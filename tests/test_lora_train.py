@@ -71,8 +71,11 @@ def test_rank_zero_is_the_plain_model_and_the_optimizer_state_grows_with_the_ran
 
 
 def test_reward_model_trains_adapters_and_its_head():
-    setup = planned(config_of(objective="reward"), None, model=reward.make_model(None, CFG))[0]
-    names = set(leaves(setup.abstract_state.params))
+    setup = planned(config_of(objective="reward", base_dtype="bfloat16"), None, model=reward.make_model(None, CFG))[0]
+    params = leaves(setup.abstract_state.params)
+    names = set(params)
+    assert all(v.dtype == jnp.float32 for v in params.values())  # trained in float32 over a bfloat16 base
+    assert all(v.dtype == jnp.bfloat16 for v in leaves(setup.abstract_frozen[lora_train.BASE]).values())
     assert {"reward_head/w", "reward_head/b"} <= names and all(lora.is_adapter((n,)) or "head" in n for n in names)
 
 
@@ -138,3 +141,21 @@ def test_dpo_reference_is_the_base_with_adapters_off():
     np.testing.assert_array_equal(ref[1], base[1])
     assert float(jnp.max(jnp.abs(policy[0] - ref[0]))) > 1e-3
 
+
+
+def test_a_lora_run_checkpoints_only_adapters_and_resumes(tmp_path):
+    """The CLI path (lm.cli.train): the checkpoint holds the adapters and their optimizer state, not the
+    base; running again with more steps resumes from it (the base rebuilt from its source, here the seed)."""
+    from lm.cli.train import train_and_report
+    from lm.io import checkpoint
+
+    config = config_of(base_dtype="nf4")
+    config.train.update(steps=2, batch_size=8, seq_len=32, log_every=1, eval_every=0, progress_bar=False)
+    config.eval.evaluators, config.data.num_valid_batches = "", 1
+    first = train_and_report(config, str(tmp_path))
+    _, step, stored = checkpoint.stored_param_shapes(str(tmp_path))
+    assert step == 2 and stored and all(lora.is_adapter((k,)) for k in stored)
+    config.train.steps = 3
+    again = train_and_report(config, str(tmp_path))
+    assert checkpoint.stored_param_shapes(str(tmp_path))[1] == 3
+    assert np.isfinite(again["train_loss"]) and np.isfinite(first["valid_loss"])

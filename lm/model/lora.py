@@ -122,18 +122,19 @@ def add_adapters(model: nnx.Module, names: list[str], rank: int, scale: float, r
     return count
 
 
-def quantize_base(model: nnx.Module, base_dtype: str, block: int) -> None:
+def quantize_base(model: nnx.Module, base_dtype: str, block: int, keep=lambda path: False) -> None:
     """Hold the frozen weights of `model` in `base_dtype` (in place): 'float32' as they are;
     'bfloat16' every float Param cast; 'int8' / 'nf4' the projections (all of TARGETS, adapted or
     not) as QuantizedWeights, blocks along their last input axis, and the rest (embedding, norms,
-    output head) in bfloat16, as QLoRA keeps them. Adapters (LoRAParam) are left alone."""
+    output head) in bfloat16, as QLoRA keeps them. Adapters (LoRAParam) and the parameters whose
+    path `keep(path)` accepts (trained heads) are left alone."""
     if base_dtype not in ("float32", "bfloat16", "int8", "nf4"):
         raise ValueError(f"lora.base_dtype must be 'float32', 'bfloat16', 'int8' or 'nf4', got {base_dtype!r}")
     if base_dtype == "float32":
         return
-    for _, module in list(nnx.iter_modules(model)):
+    for path, module in list(nnx.iter_modules(model)):
         for attr, var in list(vars(module).items()):
-            if not isinstance(var, nnx.Param) or isinstance(var, nnx.LoRAParam):
+            if not isinstance(var, nnx.Param) or isinstance(var, nnx.LoRAParam) or keep((*path, attr)):
                 continue
             if base_dtype in ("int8", "nf4") and attr in ATTRS:
                 _, _, in_axes, per_layer_ndim = TARGETS[ATTRS[attr]]

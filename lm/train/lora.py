@@ -59,7 +59,7 @@ class AdaptedFactory:
         scale = lora.scaling(self.lc.rank, self.lc.alpha, self.lc.rslora)
         lora.add_adapters(model, lora.target_names(self.lc.targets), self.lc.rank, scale, rngs)
         if self.quantized:
-            lora.quantize_base(model, self.lc.base_dtype, self.lc.block_size)
+            lora.quantize_base(model, self.lc.base_dtype, self.lc.block_size, keep=trainable)
         return model
 
 
@@ -112,7 +112,7 @@ def load_base(factory: AdaptedFactory, seed: int, rules: dict) -> Callable:
             base = nnx.state(model, frozen_part)
             nnx.replace_by_pure_dict(base, values)
             nnx.update(model, base)
-            lora.quantize_base(model, factory.lc.base_dtype, factory.lc.block_size)
+            lora.quantize_base(model, factory.lc.base_dtype, factory.lc.block_size, keep=trainable)
             return nnx.to_pure_dict(nnx.state(model, frozen_part))
 
         return jax.block_until_ready(jax.jit(convert, out_shardings=shardings)(restored))
