@@ -159,3 +159,18 @@ def test_a_lora_run_checkpoints_only_adapters_and_resumes(tmp_path):
     again = train_and_report(config, str(tmp_path))
     assert checkpoint.stored_param_shapes(str(tmp_path))[1] == 3
     assert np.isfinite(again["train_loss"]) and np.isfinite(first["valid_loss"])
+
+
+def test_adapters_and_the_quantized_base_shard_by_the_weights_rules():
+    """On an FSDP mesh of 8: A [L, D, r] splits D like wq does, the NF4 codes and scales of the frozen
+    base split their embed axis too; the rank axis is never split."""
+    config = config_of(base_dtype="nf4")
+    config.mesh.update(data=1, fsdp=8, tensor=1)
+    setup = planned(config, None, model=ModelConfig(**{**CFG.__dict__, "d_model": 64, "mlp_dim": 128}))[0]
+    spec = lambda tree, *path: tree["blocks"][path[0]][path[1]].spec if len(path) == 2 else \
+        tree["blocks"][path[0]][path[1]][path[2]].spec  # noqa: E731
+    params, base = setup.state_shardings.params, setup.frozen_shardings[lora_train.BASE]
+    assert tuple(spec(params, "attn", "wq_lora_a")) == (None, "fsdp", None)
+    assert tuple(spec(params, "mlp", "w_down_lora_b")) == (None, None, "fsdp")
+    assert tuple(spec(base, "attn", "wq", "codes"))[:2] == (None, "fsdp")  # [L, D/2, H, hd] packed codes
+    assert tuple(spec(base, "mlp", "w_gate", "scale_codes"))[:2] == (None, "fsdp")
