@@ -159,3 +159,12 @@ def test_a_quantized_base_gives_nearly_the_bfloat16_base_loss():
     got = {kind: loss(adapted(base_dtype=kind, block=8)) for kind in ("bfloat16", "int8", "nf4")}
     assert got["int8"] == pytest.approx(got["bfloat16"], rel=5e-3)
     assert got["nf4"] == pytest.approx(got["bfloat16"], rel=5e-2)
+
+
+def test_the_base_as_held_is_what_the_adapted_model_computes_with():
+    """lora.as_held (export's base) equals the dequantized weights the quantized model reads."""
+    model = adapted(base_dtype="nf4", block=8)
+    float_params = nnx.to_pure_dict(nnx.state(Transformer(CFG, rngs=nnx.Rngs(0))))
+    held = lora.as_held(float_params, "nf4", 8)
+    np.testing.assert_array_equal(held["blocks"]["attn"]["wq"], lora.kernel(model.blocks.attn.wq))
+    np.testing.assert_array_equal(held["embed"], model.embed[...].astype(jnp.float32))

@@ -120,6 +120,23 @@ def lora_run_params(run_dir: str, step: int | None = None):
     return model_cfg, config, checkpoint.restore_params(path, target).tree, base
 
 
+def lora_merged(run_dir: str, step: int | None = None):
+    """(model_cfg, graphdef, params, config) of a LoRA run with its adapters merged into its base
+    as it was held in training (lora.base_dtype's rounding included; W + s·A·B in float32): a
+    plain Transformer's, for sampling (lm.cli.sample) and export."""
+    from flax import nnx
+
+    from lm.model import Transformer, lora
+    from lm.train import lora as lora_train
+
+    model_cfg, config, adapters, base = lora_run_params(run_dir, step)
+    base = lora.as_held(base, config.lora.base_dtype, config.lora.block_size)  # the base as trained over
+    full = lora_train.combine(adapters, {lora_train.BASE: base}, reference=False)[0]
+    params = lora.merge_weights(full, lora.scaling(config.lora.rank, config.lora.alpha, config.lora.rslora))
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0))))
+    return model_cfg, graphdef, params, config
+
+
 def export_run(run_dir: str, hf_dir: str, architecture: str | None = None, step: int | None = None,
                adapters_only: bool = False) -> str:
     """Write run `run_dir`'s newest (or `step`) params as a Hugging Face checkpoint in `hf_dir`. A
@@ -129,18 +146,15 @@ def export_run(run_dir: str, hf_dir: str, architecture: str | None = None, step:
     import numpy as np
 
     from lm.io.checkpoint import load_for_inference, read_config
-    from lm.model import lora
     from lm.interop import peft
-    from lm.train import lora as lora_train
 
     run_config_ = read_config(run_dir)
     if run_config_.get("lora") and run_config_.lora.rank:
-        model_cfg, config, adapters, base = lora_run_params(run_dir, step)
         if adapters_only:
+            model_cfg, config, adapters, _ = lora_run_params(run_dir, step)
             return peft.save_adapter(hf_dir, jax.tree.map(np.asarray, adapters), model_cfg, config.lora,
                                      base_model=config.train.init_from)
-        full = lora_train.combine(adapters, {lora_train.BASE: base}, reference=False)[0]
-        params = lora.merge_weights(full, lora.scaling(config.lora.rank, config.lora.alpha, config.lora.rslora))
+        model_cfg, _, params, config = lora_merged(run_dir, step)
     elif adapters_only:
         raise ValueError(f"{run_dir} is not a LoRA run (config.lora.rank is 0): it has no adapters to export")
     else:

@@ -176,6 +176,30 @@ def fold_in(model: nnx.Module) -> nnx.Module:
     return model
 
 
+def as_held(params: dict, base_dtype: str, block: int) -> dict:
+    """A float32 base parameter dict as `quantize_base` holds it, back in float32: the projections
+    quantized and dequantized (int8 / nf4), every other weight rounded through bfloat16 (all of
+    them for 'bfloat16'). Merging adapters into this gives the model that was trained (PEFT's
+    merge of a quantized base dequantizes it too)."""
+    from lm.model.quant import dequantize, quantize
+
+    if base_dtype == "float32":
+        return params
+    out = {}
+    for key, value in params.items():
+        if isinstance(value, dict):
+            out[key] = as_held(value, base_dtype, block)
+        elif key.endswith((SUFFIX_A, SUFFIX_B)):
+            out[key] = value
+        elif base_dtype in ("int8", "nf4") and key in ATTRS:
+            _, _, in_axes, per_layer_ndim = TARGETS[ATTRS[key]]
+            axis = -(per_layer_ndim - in_axes + 1)
+            out[key] = dequantize(quantize(jnp.asarray(value), base_dtype, block, axis, key), base_dtype, axis)
+        else:
+            out[key] = jnp.asarray(value).astype(jnp.bfloat16).astype(jnp.float32)
+    return out
+
+
 def merge_weights(params: dict, scale: float, dtype=None) -> dict:
     """A pure parameter dict with adapters → the same without them, each adapted weight replaced
     by W + s·A·B (PEFT's merge_and_unload), computed in float32 and stored in `dtype` (default:
