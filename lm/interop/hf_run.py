@@ -195,9 +195,9 @@ def import_adapter(adapter_dir: str, base_run: str, workdir: str) -> str:
     model_cfg = checkpoint.load_for_inference(base_run)[0]
     adapters, fields = peft.load_adapter(adapter_dir, model_cfg)
     if "lora" not in config:  # a run written before config.lora existed
-        from configs import base
+        from lm.cli.config import configs_module
 
-        config.lora = base.get_config().lora
+        config.lora = configs_module("base").get_config().lora
     config.lora.update(fields)
     config.train.init_from = base_run
     checkpoint.write_config(workdir, config)
