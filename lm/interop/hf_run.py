@@ -198,7 +198,7 @@ def import_adapter(adapter_dir: str, base_run: str, workdir: str) -> str:
         from lm.cli.config import configs_module
 
         config.lora = configs_module("base").get_config().lora
-    config.lora.update(fields)
+    config.lora.update(fields, base_dtype="float32")  # the base as PEFT reads it (set bfloat16/nf4 to train on)
     config.train.init_from = base_run
     checkpoint.write_config(workdir, config)
     for name in ("tokenizer_metadata.json",):
