@@ -2,6 +2,7 @@
 (data.source='markov_preference'; lm/data/markov_reward.py).
 
     J(π) = E_π[r] − β·KL(π‖π_ref),   π_ref = the TRUE chain,   β = config.dpo.beta
+                                                                  (or eval.markov_optimum.beta)
 
 J(π*) is exact (backward recursion). J of a trained language model is estimated from its own
 samples (`MarkovReward.monte_carlo_objective`): config.eval.markov_optimum.num_samples prompts of
@@ -91,7 +92,7 @@ def evaluate(ctx) -> dict:
             print(f"markov_optimum: skipped for data.source={config.data.source!r} (needs 'markov_preference')")
         return {}
     ec, pc = config.eval.markov_optimum, config.data.markov_preference
-    beta = float(config.dpo.beta)
+    beta = float(ec.beta) if "beta" in ec else float(config.dpo.beta)  # SimPO/ORPO configs name it here
     chain, bench = markov_benchmark(config.data)
     prompts = markov_prompts(chain, ec.num_samples, pc.prompt_len, seed=[int(ec.seed), 2])
     states = np.array([state_of(p, order=chain.order, num_symbols=chain.num_symbols) for p in prompts])
