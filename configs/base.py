@@ -96,6 +96,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     t.inject.step_delay_s = 0.0  # sleep after every step, so that a test can kill the run mid-way
     t.inject.save_delay_s = 0.0  # hold every checkpoint save open this long before it commits
 
+    # -- low-rank adapters: LoRA / QLoRA for every objective (lm/model/lora.py, lm/train/lora.py) --------
+    lo = c.lora = ml_collections.ConfigDict()
+    lo.rank = 0  # adapter rank r; 0: off (the model, its parameters and its step are exactly the plain ones)
+    lo.alpha = 16.0  # α: the adapter term is scaled by α/r (α/√r with rslora)
+    lo.rslora = False  # rank-stabilized scaling α/√r instead of α/r
+    lo.dropout = 0.0  # adapter dropout; only 0 is supported (the forward pass takes no rng)
+    # projections that get adapters: names from q, k, v, o, gate, up, down (or q_proj, …), 'attention',
+    # 'mlp', 'all', or regexes over the names; comma-separated
+    lo.targets = "all"
+    # how the frozen base is held: 'float32', 'bfloat16', or the projections in 'int8' / 'nf4' (QLoRA: NF4
+    # codes, absmax per block, the block scales double-quantized) with the rest in bfloat16
+    lo.base_dtype = "bfloat16"
+    lo.block_size = 64  # int8 / nf4: weights per absmax block along a projection's input axis
+
     # -- device mesh (lm/parallel/sharding.py) --------------------------------------------------------------
     mesh = c.mesh = ml_collections.ConfigDict()
     mesh.data = -1  # data-parallel axis size; -1: the devices left over

@@ -11,8 +11,8 @@ import sys
 # third-party packages by the extra (pyproject.toml) that installs them
 _EXTRA_OF = {name: "train" for name in (
     "flax", "optax", "orbax", "etils", "grain", "array_record", "ml_collections", "wandb", "absl", "tqdm",
-    "matplotlib", "tokenizers", "sentencepiece", "jinja2")}
-_EXTRA_OF.update(torch="hf", transformers="hf")
+    "matplotlib", "tokenizers", "sentencepiece", "jinja2", "qwix")}
+_EXTRA_OF.update(torch="hf", transformers="hf", peft="hf")
 
 
 class _NameTheExtra(importlib.abc.MetaPathFinder):

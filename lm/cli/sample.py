@@ -106,11 +106,16 @@ def main(argv: Sequence[str] | None = None, *, stdin: TextIO = sys.stdin, out: T
         print(f"lm.cli.sample: error: {e}", file=sys.stderr)
         return 2
 
-    from lm.io.checkpoint import load_for_inference
+    from lm.io.checkpoint import load_for_inference, read_config
     from lm.data import build_tokenizer
     from lm.data.chat import render_prompt
 
-    model_cfg, graphdef, params, config = load_for_inference(args.run_dir, args.step)
+    if (read_config(args.run_dir).get("lora") or {}).get("rank"):  # adapters over train.init_from's base
+        from lm.interop.hf_run import lora_merged
+
+        model_cfg, graphdef, params, config = lora_merged(args.run_dir, args.step)
+    else:
+        model_cfg, graphdef, params, config = load_for_inference(args.run_dir, args.step)
     tokenizer = build_tokenizer(config.data)
     chat = _use_chat(args.chat, config)
     stop_ids = (tokenizer.end_of_turn_id, tokenizer.eos_id) if chat else (tokenizer.eos_id,)

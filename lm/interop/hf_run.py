@@ -2,6 +2,8 @@
 
     python -m lm.interop.hf import --hf_dir D --workdir W     # D: config.json, *.safetensors, tokenizer files
     python -m lm.interop.hf export --run_dir W --hf_dir D2 [--architecture Qwen2ForCausalLM] [--step S]
+                                   [--adapters_only]          # a LoRA run: merged, or a PEFT adapter
+    python -m lm.interop.hf import_adapter --adapter_dir A --base_run W --workdir W2   # PEFT → LoRA run
 
 `import` writes a normal run directory, as a training run would:
     W/config.json                 lm's config (configs/base.py) with the model fields of D's config.json
@@ -16,6 +18,10 @@ train.init_from=W and the same model.* fields (and a RewardModel or a policy wit
 starts from it the same way, with a fresh head).
 `export` writes the newest (or --step) checkpoint's params as config.json + model.safetensors,
 plus W/hf's tokenizer files, into D2: transformers' AutoModelForCausalLM.from_pretrained(D2) loads it.
+A LoRA run (config.lora.rank > 0) exports its base with the adapters merged in, or with
+--adapters_only a PEFT adapter directory (lm/interop/peft.py) that peft.PeftModel.from_pretrained
+loads over the base; `import_adapter --adapter_dir A --base_run W --workdir W2` makes a LoRA run
+from such a directory over an imported base.
 """
 
 from __future__ import annotations
@@ -94,15 +100,70 @@ def import_run(hf_dir: str, workdir: str) -> str:
     return workdir
 
 
-def export_run(run_dir: str, hf_dir: str, architecture: str | None = None, step: int | None = None) -> str:
-    """Write run `run_dir`'s newest (or `step`) params as a Hugging Face checkpoint in `hf_dir`."""
+def lora_run_params(run_dir: str, step: int | None = None):
+    """(model_cfg, config, adapters, base params) of a LoRA run (config.lora.rank > 0): its
+    checkpoint's adapters and its base, train.init_from's parameters, in float32 on one device."""
+    import jax
+    from flax import nnx
+
+    from lm.io import checkpoint
+    from lm.model import Transformer
+    from lm.train import lora as lora_train
+
+    config = checkpoint.read_config(run_dir)
+    if not config.train.init_from:
+        raise ValueError(f"{run_dir}: a LoRA run without train.init_from has no base to export with")
+    model_cfg, _, base, _ = checkpoint.load_for_inference(config.train.init_from)
+    factory = lora_train.AdaptedFactory(lambda rngs: Transformer(model_cfg, rngs=rngs), config.lora, quantized=False)
+    abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: factory(nnx.Rngs(0))), lora_train.trainable))
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), abstract)
+    path = run_dir if step is None else os.path.join(checkpoint.checkpoint_dir(run_dir), str(step))
+    return model_cfg, config, checkpoint.restore_params(path, target).tree, base
+
+
+def lora_merged(run_dir: str, step: int | None = None):
+    """(model_cfg, graphdef, params, config) of a LoRA run with its adapters merged into its base
+    as it was held in training (lora.base_dtype's rounding included; W + s·A·B in float32): a
+    plain Transformer's, for sampling (lm.cli.sample) and export."""
+    from flax import nnx
+
+    from lm.model import Transformer, lora
+    from lm.train import lora as lora_train
+
+    model_cfg, config, adapters, base = lora_run_params(run_dir, step)
+    base = lora.as_held(base, config.lora.base_dtype, config.lora.block_size)  # the base as trained over
+    full = lora_train.combine(adapters, {lora_train.BASE: base}, reference=False)[0]
+    params = lora.merge_weights(full, lora.scaling(config.lora.rank, config.lora.alpha, config.lora.rslora))
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0))))
+    return model_cfg, graphdef, params, config
+
+
+def export_run(run_dir: str, hf_dir: str, architecture: str | None = None, step: int | None = None,
+               adapters_only: bool = False) -> str:
+    """Write run `run_dir`'s newest (or `step`) params as a Hugging Face checkpoint in `hf_dir`. A
+    LoRA run: its base with the adapters merged in (W + s·A·B, PEFT's merge_and_unload), or with
+    `adapters_only` the adapters as a PEFT adapter directory (lm/interop/peft.py)."""
     import jax
     import numpy as np
 
-    from lm.io.checkpoint import load_for_inference
+    from lm.io.checkpoint import load_for_inference, read_config
+    from lm.interop import peft
 
-    model_cfg, _, params, config = load_for_inference(run_dir, step)
+    run_config_ = read_config(run_dir)
+    if run_config_.get("lora") and run_config_.lora.rank:
+        if adapters_only:
+            model_cfg, config, adapters, _ = lora_run_params(run_dir, step)
+            return peft.save_adapter(hf_dir, jax.tree.map(np.asarray, adapters), model_cfg, config.lora,
+                                     base_model=config.train.init_from)
+        model_cfg, _, params, config = lora_merged(run_dir, step)
+    elif adapters_only:
+        raise ValueError(f"{run_dir} is not a LoRA run (config.lora.rank is 0): it has no adapters to export")
+    else:
+        model_cfg, _, params, config = load_for_inference(run_dir, step)
     source = os.path.join(run_dir, HF_SUBDIR)
+    if not os.path.exists(os.path.join(source, "config.json")) and config.train.get("init_from"):
+        source = os.path.join(config.train.init_from, HF_SUBDIR)  # a LoRA run: its imported base's
     if architecture is None and os.path.exists(os.path.join(source, "config.json")):
         architecture = hf.read_hf_config(source)["architectures"][0]
     hf.save(model_cfg, hf_dir, architecture, params=jax.tree.map(np.asarray, params))
@@ -112,6 +173,48 @@ def export_run(run_dir: str, hf_dir: str, architecture: str | None = None, step:
         if os.path.exists(os.path.join(tokenizer_dir, name)):
             shutil.copy(os.path.join(tokenizer_dir, name), hf_dir)
     return hf_dir
+
+
+def import_adapter(adapter_dir: str, base_run: str, workdir: str) -> str:
+    """Make the LoRA run directory `workdir` from a PEFT adapter directory over the imported base
+    run `base_run` (the same model): base_run's config with config.lora from adapter_config.json
+    and train.init_from = base_run, and a step-0 checkpoint holding the adapters (and a fresh AdamW
+    state for them). Training, sampling and export then treat it like any LoRA run."""
+    import jax
+    import jax.numpy as jnp
+
+    from lm.interop import peft
+    from lm.io import checkpoint
+    from lm.train import TrainState
+    from lm.train.optim import make_optimizer
+
+    workdir, base_run = os.path.abspath(workdir), os.path.abspath(base_run)
+    if os.path.isdir(checkpoint.checkpoint_dir(workdir)) and os.listdir(checkpoint.checkpoint_dir(workdir)):
+        raise FileExistsError(f"{workdir} already holds checkpoints; import into a new directory")
+    config = checkpoint.read_config(base_run)
+    model_cfg = checkpoint.load_for_inference(base_run)[0]
+    adapters, fields = peft.load_adapter(adapter_dir, model_cfg)
+    if "lora" not in config:  # a run written before config.lora existed
+        from lm.cli.config import configs_module
+
+        config.lora = configs_module("base").get_config().lora
+    config.lora.update(fields, base_dtype="float32")  # the base as PEFT reads it (set bfloat16/nf4 to train on)
+    config.train.init_from = base_run
+    checkpoint.write_config(workdir, config)
+    for name in ("tokenizer_metadata.json",):
+        if os.path.exists(os.path.join(base_run, name)):
+            shutil.copy(os.path.join(base_run, name), workdir)
+    optimizer, _ = make_optimizer(config.optimizer, config.train.steps)
+    params = jax.tree.map(jnp.asarray, adapters)
+    state = TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params),
+                       jax.random.key_data(jax.random.fold_in(jax.random.key(config.seed), 1)), jnp.zeros((), jnp.int32))
+    saver = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints, async_save=False, config=config)
+    try:
+        saver.save(0, state, None, extra={"imported_from": os.path.abspath(adapter_dir)})
+        saver.wait()
+    finally:
+        saver.close()
+    return workdir
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -126,13 +229,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     exp.add_argument("--architecture", default=None, choices=hf.ARCHITECTURES,
                      help="default: the imported checkpoint's, else Qwen2 with q/k/v biases, else Llama")
     exp.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    exp.add_argument("--adapters_only", action="store_true",
+                     help="a LoRA run: write its adapters as a PEFT adapter directory instead of the merged model")
+    ada = sub.add_parser("import_adapter", help="PEFT LoRA adapter directory over an imported base -> lm LoRA run")
+    ada.add_argument("--adapter_dir", required=True)
+    ada.add_argument("--base_run", required=True, help="the base model's lm run directory (from `import`)")
+    ada.add_argument("--workdir", required=True)
     args = p.parse_args(argv)
     try:
-        if args.command == "import":
+        if args.command == "import_adapter":
+            out = import_adapter(args.adapter_dir, args.base_run, args.workdir)
+            print(f"imported the adapter {args.adapter_dir} over {args.base_run} into the run directory {out}")
+        elif args.command == "import":
             out = import_run(args.hf_dir, args.workdir)
             print(f"imported {args.hf_dir} into the run directory {out} (step 0)")
         else:
-            out = export_run(args.run_dir, args.hf_dir, args.architecture, args.step)
+            out = export_run(args.run_dir, args.hf_dir, args.architecture, args.step, args.adapters_only)
             print(f"exported {args.run_dir} to {out}")
     except (hf.UnsupportedCheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"lm.interop.hf: error: {e}", file=sys.stderr)

@@ -9,6 +9,8 @@
     heads.py        RewardModel (scalar per sequence) and ValueModel (value per token)
     cpu.py          for_decoding: the opt-in decode layout (fused, row-blocked, per-layer weights)
     counting.py     parameter and FLOP counts
+    lora.py         low-rank adapters and the weight products every projection goes through
+    quant.py        int8 / NF4 frozen weights (QLoRA's base)
 """
 
 from lm.model.attention import Attention, attend, cache_sizes

@@ -13,10 +13,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lm import masking
+from lm.model import lora
 from lm.model.attention_ops import attend, causal_attention, group_heads, resolve_attention_impl, ungroup_heads
 from lm.model.config import ModelConfig
 from lm.model.hints import constrain
-from lm.model.layers import matmuls, param, rope_frequencies, rotary
+from lm.model.layers import param, rope_frequencies, rotary
 
 Array = jax.Array
 
@@ -52,16 +53,15 @@ class Attention(nnx.Module):
 
     def project_qkv(self, x2: Array) -> tuple[Array, Array, Array]:
         """x [M, D] → q [M, H·hd], k, v [M, K·hd] (plus the biases, with cfg.qkv_bias)."""
-        dt, d = self.cfg.compute_dtype, x2.shape[-1]
-        qkv = matmuls(x2, *[w[...].astype(dt).reshape(d, -1) for w in (self.wq, self.wk, self.wv)])
+        dt = self.cfg.compute_dtype
+        qkv = lora.project(self, x2, ("wq", "wk", "wv"), dt)  # the weights' products (+ adapters, lm/model/lora.py)
         if self.cfg.qkv_bias:
             qkv = tuple(y + b[...].astype(dt).reshape(-1) for y, b in zip(qkv, (self.bq, self.bk, self.bv)))
         return qkv
 
     def project_out(self, out2: Array) -> Array:
         """attention output [M, H·hd] → [M, D]."""
-        wo = self.wo[...].astype(self.cfg.compute_dtype)
-        return matmuls(out2, wo.reshape(-1, wo.shape[-1]))[0]
+        return lora.project(self, out2, ("wo",), self.cfg.compute_dtype)[0]
 
     def __call__(self, x, positions, q_segment_ids, q_index, kv_cache=None, kv_segment_ids=None,
                  cache_index=None):

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lm.model import lora
 from lm.model.attention import Attention
 from lm.model.layers import MLP
 from lm.model.platform import compile_platform
@@ -118,6 +119,7 @@ def for_decoding(model, *, per_layer: bool | None = None, row_blocks: int | None
     per_layer = compile_platform() == "cpu" if per_layer is None else per_layer
     row_blocks = default_row_blocks() if row_blocks is None else row_blocks
     out = nnx.merge(*nnx.split(model))  # new modules over the same arrays: `model` is left as it is
+    lora.fold_in(out)  # LoRA adapters folded into their weights, a quantized base dequantized (lm/model/lora.py)
     if per_layer:
         block_graphdef, stacked = nnx.split(out.blocks)
         n = out.cfg.num_layers

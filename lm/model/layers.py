@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lm.model import lora
 from lm.model.config import ModelConfig
 from lm.model.hints import constrain
 from lm.model.platform import cpu_kernels
@@ -159,11 +160,11 @@ class MLP(nnx.Module):
 
     def gate_up(self, x2: Array) -> tuple[Array, Array]:
         """x [M, D] → (gate, up) [M, mlp_dim]."""
-        return matmuls(x2, self.w_gate[...].astype(self.dtype), self.w_up[...].astype(self.dtype))
+        return lora.project(self, x2, ("w_gate", "w_up"), self.dtype)  # + adapters (lm/model/lora.py)
 
     def down(self, hidden: Array) -> Array:
         """hidden [M, mlp_dim] → [M, D]."""
-        return matmuls(hidden, self.w_down[...].astype(self.dtype))[0]
+        return lora.project(self, hidden, ("w_down",), self.dtype)[0]
 
     def __call__(self, x: Array) -> Array:
         x2 = x.reshape(-1, x.shape[-1])  # [B·T, D]: plain 2-D matmuls, forward and backward

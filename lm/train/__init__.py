@@ -6,6 +6,7 @@
     loop.py        the loop: start or resume, step, log, evaluate, checkpoint, stop cleanly
     optim.py       AdamW with warmup + cosine, global-norm clipping
     memory.py      per-device memory of a compiled step; a clear failure when it cannot fit
+    lora.py        config.lora: adapters as the parameters, the base a frozen model, reference = adapters off
     preemption.py  SIGTERM/SIGINT: finish the step, checkpoint, exit cleanly
 """
 

@@ -33,6 +33,7 @@ import ml_collections
 import numpy as np
 
 from lm.io import checkpoint as ckpt
+from lm.train import lora as lora_train
 from lm.train import memory
 from lm.io import metrics as mx
 from lm.io.report import headline
@@ -148,7 +149,8 @@ def initial_state(tc, checkpointer: ckpt.Checkpointer, setup: train.Setup, state
         _set_data_state(train_iter, restored.data)
         _log(f"resumed from {restored.path} (step {int(restored.tree.step)})")
         return restored.tree, restored.step, int(restored.meta.get("skipped_steps", 0))
-    if tc.init_from and not tc.restore_from:
+    if tc.init_from and not tc.restore_from and lora_train.BASE not in setup.frozen_graphdefs:
+        # (a LoRA run's train.init_from is its frozen base; its adapters start fresh)
         params, _ = init_params(tc.init_from, target.params, state.params, log=_log)
         opt_state = jax.jit(optimizer.init, out_shardings=setup.state_shardings.opt_state)(params)
         return state._replace(params=params, opt_state=opt_state), 0, 0
@@ -184,7 +186,7 @@ def load_frozen(setup: train.Setup, sources: dict[str, FrozenModel], seed: int) 
     for name, source in sources.items():
         if source.path:
             target = ckpt.abstract_with_shardings(setup.abstract_frozen[name], setup.frozen_shardings[name])
-            frozen[name] = load_frozen_params(source.path, target)
+            frozen[name] = (source.load or load_frozen_params)(source.path, target)
             _log(f"frozen model {name!r}: parameters from {source.path}")
         else:
             frozen[name] = init_frozen(setup, name, seed)
@@ -213,6 +215,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, model_cfg: ModelConf
     optimizer, schedule = make_optimizer(config.optimizer, tc.steps)
     model = make_model or model_cfg
     frozen = frozen or {}
+    # lora.rank > 0: train adapters over a frozen base (lm/train/lora.py); 0: all as given
+    model, frozen, make_loss_fn, make_prepare_batch = lora_train.adapt(config, model, frozen, make_loss_fn,
+                                                                       make_prepare_batch)
     setup = train.plan_state(model, optimizer, mesh, config.mesh.rules, config.seed,
                              frozen={name: f.make_model for name, f in frozen.items()})
     if make_prepare_batch is not None:
@@ -325,7 +330,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, model_cfg: ModelConf
         _close(checkpointer, writer, bar, raise_errors=finished)
     if bad.total:
         _log(f"{bad.total} steps were skipped for a non-finite loss or gradient norm (see the log above)")
-    return RunResult(state, setup, last_eval, history, frozen_args[0] if frozen_args else {})
+    frozen_params = frozen_args[0] if frozen_args else {}
+    if lora_train.BASE in frozen_params:  # what evaluators read: the adapted model's whole parameters
+        params, frozen_params = lora_train.full_params(state.params, frozen_params)
+        state = state._replace(params=params)
+    return RunResult(state, setup, last_eval, history, frozen_params)
 
 
 def _close(checkpointer: ckpt.Checkpointer, writer, bar, *, raise_errors: bool) -> None:

@@ -174,8 +174,14 @@ def plan_config(config: Any, devices: list | None = None) -> tuple[Any, MemoryRe
     optimizer, schedule = make_optimizer(config.optimizer, tc.steps)
     mesh = shd.make_mesh(config.mesh, devices)
     t0 = time.perf_counter()
-    setup = train.plan_state(model_cfg, optimizer, mesh, config.mesh.rules, config.seed)
-    loss_fn = get_objective(config.objective).make_loss_fn(config, setup.graphdef)
+    from lm.train import lora as lora_train
+
+    # config.lora.rank > 0: the adapters are the parameters, the base a frozen model (lm/train/lora.py)
+    model, frozen, make_loss, _ = lora_train.adapt(
+        config, model_cfg, {}, lambda graphdef: get_objective(config.objective).make_loss_fn(config, graphdef), None)
+    setup = train.plan_state(model, optimizer, mesh, config.mesh.rules, config.seed,
+                             frozen={name: f.make_model for name, f in frozen.items()})
+    loss_fn = make_loss(setup.graphdef)
     step = train.jit_train_step(train.make_train_step(loss_fn, optimizer, schedule, tc.micro_batches), setup)
     compiled = compile_step(step, setup, tc.batch_size, tc.seq_len)
     seconds = time.perf_counter() - t0

@@ -39,6 +39,7 @@ class FrozenModel:
 
     make_model: ModelFactory
     path: str | None = None
+    load: Callable[[str, Any], Any] | None = None  # load(path, target) instead of restoring target from path
 
 
 class TrainState(NamedTuple):
@@ -86,18 +87,29 @@ def as_factory(model: ModelConfig | ModelFactory) -> ModelFactory:
     return model
 
 
+def _split(make_model: ModelFactory, module: nnx.Module) -> tuple[Any, Any]:
+    """(graphdef, the variables that are this use's parameters): all of them, or those a factory's
+    `params_filter` (an nnx filter) selects: LoRA's adapters, or its frozen base (lm/train/lora.py)."""
+    params_filter = getattr(make_model, "params_filter", None)
+    if params_filter is None:
+        return nnx.split(module)
+    return nnx.graphdef(module), nnx.state(module, params_filter)
+
+
 def _init_params(make_model: ModelFactory, seed: int) -> Any:
-    return nnx.to_pure_dict(nnx.split(make_model(nnx.Rngs(seed)))[1])
+    return nnx.to_pure_dict(_split(make_model, make_model(nnx.Rngs(seed)))[1])
 
 
 def _plan_params(make_model: ModelFactory, mesh, rules, seed: int, frozen: bool = False):
     """(graphdef, abstract params, their shardings) of the model `make_model` builds; frozen: its
     floating parameters in the model's compute dtype (`compute_dtype_of`)."""
     module = nnx.eval_shape(lambda: make_model(nnx.Rngs(seed)))
-    graphdef, abstract = nnx.split(module)
+    graphdef, abstract = _split(make_model, module)
     abstract_params = nnx.to_pure_dict(abstract)
     shardings = shd.param_shardings(shd.logical_axes_tree(abstract), abstract_params, rules, mesh)
-    if frozen:
+    if frozen and getattr(make_model, "params_filter", None) is None:
+        # a factory that selects its own variables (LoRA's base, lm/train/lora.py) holds them in its
+        # own dtypes (lora.base_dtype, quantized codes); any other frozen model in its compute dtype
         abstract_params = in_dtype(abstract_params, compute_dtype_of(module))
     return graphdef, abstract_params, shardings
 

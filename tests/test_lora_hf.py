@@ -1,0 +1,96 @@
+"""LoRA ↔ Hugging Face (lm/interop/peft.py, hf_run export/import_adapter): a LoRA run over the
+imported Llama fixture exports merged (its logits = the unmerged model's) and as a PEFT adapter
+that `peft.PeftModel.from_pretrained` loads over the transformers base with lm's logits; lm →
+PEFT → lm is exact. The torch/peft parts skip without the `hf` extra."""
+
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lm.interop import hf, hf_run, peft, safetensors_io
+from lm.model import Transformer, lora
+from lm.train import lora as lora_train
+from test_hf import fixture_dir
+
+HAVE_PEFT = all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers", "peft"))
+TOKENS = np.random.default_rng(5).integers(0, 300, 24).astype(np.int32)
+
+
+def lora_logits(model_cfg, params, lora_cfg):
+    """The adapted model (base ∪ adapters, float32) on TOKENS → [T, V]."""
+    factory = lora_train.AdaptedFactory(lambda rngs: Transformer(model_cfg, rngs=rngs), lora_cfg, quantized=False)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: factory(nnx.Rngs(0))))
+    t = len(TOKENS)
+    fn = jax.jit(lambda p: nnx.merge(graphdef, p)(jnp.asarray(TOKENS)[None], jnp.arange(t)[None],
+                                                    jnp.ones((1, t), jnp.int32)))
+    return np.asarray(fn(jax.tree.map(jnp.asarray, params))[0])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """(base run, adapter dir written by lm, LoRA run imported from it, its lora config)."""
+    root = tmp_path_factory.mktemp("lora_hf")
+    base_run = str(root / "base")
+    assert hf_run.main(["import", "--hf_dir", fixture_dir("llama"), "--workdir", base_run]) == 0
+    model_cfg, base = hf.load_params(fixture_dir("llama"))
+    from configs import base as base_config
+
+    lc = base_config.get_config().lora
+    lc.update(rank=4, alpha=8.0, targets="q,v,o,down")
+    factory = lora_train.AdaptedFactory(lambda rngs: Transformer(model_cfg, rngs=rngs), lc, quantized=False)
+    adapters = nnx.to_pure_dict(nnx.state(factory(nnx.Rngs(1)), lora_train.trainable))
+    keys = iter(jax.random.split(jax.random.key(2), 64))
+    adapters = jax.tree.map(lambda x: np.asarray(0.1 * jax.random.normal(next(keys), x.shape)), adapters)  # B ≠ 0
+    adapter_dir = peft.save_adapter(str(root / "adapter"), adapters, model_cfg, lc)
+    lora_run = str(root / "lora_run")
+    assert hf_run.main(["import_adapter", "--adapter_dir", adapter_dir, "--base_run", base_run,
+                        "--workdir", lora_run]) == 0
+    return model_cfg, base, adapters, adapter_dir, lora_run, lc
+
+
+def test_lm_to_peft_to_lm_is_exact(runs, tmp_path):
+    model_cfg, _, adapters, adapter_dir, lora_run, lc = runs
+    back, fields = peft.load_adapter(adapter_dir, model_cfg)
+    assert fields == {"rank": 4, "alpha": 8.0, "rslora": False, "targets": "q,v,o,down"}
+    jax.tree.map(np.testing.assert_array_equal, back, adapters)
+    # the imported run's checkpoint holds exactly these adapters, and exports them unchanged
+    _, config, restored, _ = hf_run.lora_run_params(lora_run)
+    assert config.lora.rank == 4 and config.train.init_from.endswith("base")
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), restored, adapters)
+    assert hf_run.main(["export", "--run_dir", lora_run, "--hf_dir", str(tmp_path), "--adapters_only"]) == 0
+    a, b = safetensors_io.read_file(os.path.join(adapter_dir, peft.WEIGHTS_FILE)), \
+        safetensors_io.read_file(str(tmp_path / peft.WEIGHTS_FILE))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert "base_model.model.model.layers.1.self_attn.o_proj.lora_A.weight" in a
+    assert a["base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"].shape == (64, 4)  # [out, r]
+
+
+def test_the_merged_export_gives_the_unmerged_logits(runs, tmp_path):
+    model_cfg, base, adapters, _, lora_run, lc = runs
+    want = lora_logits(model_cfg, lora_train.combine(adapters, {lora_train.BASE: base}, False)[0], lc)
+    plain = hf.load(fixture_dir("llama"))
+    from test_hf import lm_logits
+
+    assert np.max(np.abs(want - lm_logits(plain, TOKENS))) > 1e-2  # the adapters change the model
+    assert hf_run.main(["export", "--run_dir", lora_run, "--hf_dir", str(tmp_path)]) == 0
+    np.testing.assert_allclose(lm_logits(hf.load(str(tmp_path)), TOKENS), want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.skipif(not HAVE_PEFT, reason="torch, transformers and peft are the `hf` extra (pip install -e '.[hf]')")
+def test_peft_loads_the_adapter_over_the_transformers_base_with_lm_logits(runs):
+    import torch
+    import transformers
+    from peft import PeftModel
+
+    model_cfg, base, adapters, adapter_dir, _, lc = runs
+    want = lora_logits(model_cfg, lora_train.combine(adapters, {lora_train.BASE: base}, False)[0], lc)
+    torch_base = transformers.AutoModelForCausalLM.from_pretrained(fixture_dir("llama"), dtype=torch.float32)
+    model = PeftModel.from_pretrained(torch_base, adapter_dir).eval()
+    with torch.no_grad():
+        got = model(torch.as_tensor(TOKENS[None].astype(np.int64))).logits[0].numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
