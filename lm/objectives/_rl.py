@@ -26,9 +26,9 @@ distribution the tokens were drawn from, softmax(filter(logits)) with rl's tempe
 filters, through one function (lm.sampling.behaviour_logprobs, `token_scores`), so the ratio is
 exactly 1 on the first, on-policy step. Without a filter that distribution is softmax(logits / T)
 and every pass (policy, old policy, reference) scores it from the hidden states with the chunked
-log-prob computation (`hidden_scores`: no [B, T, V] logits). The reference is scored at the same temperature but
-unfiltered (TRL's and verl's choice: a filtered reference could give a sampled token
-probability 0 and the KL infinity).
+log-prob computation (`hidden_scores`: no [B, T, V] logits). The reference is scored at the same
+temperature but unfiltered (TRL's and verl's choice: a filtered reference could give a sampled
+token probability 0 and the KL infinity).
 
 The step batch is the token contract plus `old_logprobs`, `ref_logprobs` [B, T] and the
 objective's advantages (and PPO's values and returns): everything is a [B, ...] array, so
