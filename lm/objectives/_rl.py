@@ -24,9 +24,11 @@ One training step of RL (lm/train/loop.py calls `prepare_batch` between the data
 One behaviour distribution: every policy log-prob (the sampler's record, old, current) is of the
 distribution the tokens were drawn from, softmax(filter(logits)) with rl's temperature and
 filters, through one function (lm.sampling.behaviour_logprobs, `token_scores`), so the ratio is
-exactly 1 on the first, on-policy step. The reference is scored at the same temperature but
-unfiltered (TRL's and verl's choice: a filtered reference could give a sampled token
-probability 0 and the KL infinity).
+exactly 1 on the first, on-policy step. Without a filter that distribution is softmax(logits / T)
+and every pass (policy, old policy, reference) scores it from the hidden states with the chunked
+log-prob computation (`hidden_scores`: no [B, T, V] logits). The reference is scored at the same
+temperature but unfiltered (TRL's and verl's choice: a filtered reference could give a sampled
+token probability 0 and the KL infinity).
 
 The step batch is the token contract plus `old_logprobs`, `ref_logprobs` [B, T] and the
 objective's advantages (and PPO's values and returns): everything is a [B, ...] array, so
@@ -48,6 +50,7 @@ from lm import losses, rewards as rw
 from lm.data import batch as batch_contract
 from lm.parallel import sharding as shd
 from lm.sampling.rollout import COMPILER_OPTIONS as ROLLOUT_COMPILER_OPTIONS
+from lm.objectives import _logprobs
 from lm.objectives._dynamic_sampling import overlong, refill
 from lm.sampling.filters import behaviour_logprobs
 from lm.sampling.rollout import completion_values, left_padded, rollout, sequences, stop_array, stop_ids_of
@@ -107,14 +110,33 @@ def _filters_on(knobs: dict) -> bool:
 
 def token_scores(logits: jax.Array, targets: jax.Array, knobs: dict) -> tuple[jax.Array, jax.Array]:
     """(log q(targets) [B, T], entropy of q [B, T]) of the behaviour distribution
-    q = softmax(filter(logits)) (lm.sampling.behaviour_logprobs: the function the sampler uses).
-    Without a filter, q = softmax(logits / T): the plain cross-entropy path (to become the chunked
-    log-prob computation of lm.losses); filters need whole rows [.., V]."""
+    q = softmax(filter(logits)) from explicit logits [B, T, V] (lm.sampling.behaviour_logprobs: the
+    function the sampler uses; without a filter, the plain tempered cross-entropy). The scorers
+    call `hidden_scores`, which builds logits only where a filter needs whole rows."""
     if _filters_on(knobs):
         return behaviour_logprobs(logits, targets, **knobs, with_entropy=True)
     scaled = logits.astype(jnp.float32) / knobs["temperature"]
     logprobs = losses.cross_entropy(scaled, targets).target_logprobs
     return logprobs, jax.lax.stop_gradient(losses.entropy(scaled).per_token)
+
+
+def hidden_scores(model: Any, hidden: jax.Array, targets: jax.Array, knobs: dict,
+                  chunk_size: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """`token_scores` of `model`'s hidden states [B, T, D]. Without a filter: the chunked log-probs
+    at rl's temperature (lm/objectives/_logprobs.py: sharded by rows under the step's activation
+    hints, never [B, T, V] logits); with top-k/top-p/min-p the filters need whole rows, so the
+    logits are built and scored by lm.sampling.behaviour_logprobs. Entropy is a metric: no gradient."""
+    if _filters_on(knobs):
+        return token_scores(model.logits_from_hidden(hidden), targets, knobs)
+    out = _logprobs.hidden_logprobs(model, hidden, targets, temperature=knobs["temperature"], entropy=True,
+                                    chunk_size=chunk_size)
+    return out.logprobs, jax.lax.stop_gradient(out.entropy)
+
+
+def chunk_size_of(config: Any) -> int | None:
+    """Tokens per chunk of the scorers' log-probs: config.loss.chunk_size (None: automatic)."""
+    loss = config.get("loss") if hasattr(config, "get") else None
+    return (loss.get("chunk_size") or None) if loss is not None else None
 
 
 def batch_kind(per_token: tuple[str, ...]):
@@ -310,11 +332,11 @@ def policy_terms(config: Any, logprobs, entropy, batch: dict, advantages) -> tup
     return out.sum, sums, out
 
 
-def policy_forward(graphdef: Any, params: Any, batch: dict, knobs: dict):
-    """(log q(targets) [B, T], entropy [B, T]) of `params`' behaviour distribution (`token_scores`)."""
+def policy_forward(graphdef: Any, params: Any, batch: dict, knobs: dict, chunk_size: int | None = None):
+    """(log q(targets) [B, T], entropy [B, T]) of `params`' behaviour distribution (`hidden_scores`)."""
     model = nnx.merge(graphdef, params)
-    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
-    return token_scores(logits, batch["targets"], knobs)
+    hidden = model.hidden_states(batch["inputs"], batch["positions"], batch["segment_ids"])
+    return hidden_scores(model, hidden, batch["targets"], knobs, chunk_size)
 
 
 def scored_mask(seq: dict, valid, old_logprobs):
@@ -348,7 +370,7 @@ def prepare_with(rollouts: Rollouts, score, updates_per_rollout: int):
         batch, metrics = score(params, seq, out, rewards, valid, frozen)
         return batch, {**metrics, **host}
 
-    prepare_batch.rollouts = rollouts
+    prepare_batch.rollouts, prepare_batch.score = rollouts, score  # the jits, for inspection (tests)
     return reused(prepare_batch, updates_per_rollout)
 
 
@@ -370,5 +392,5 @@ def reused(prepare_batch, updates_per_rollout: int):
         cache["left"] -= 1
         return cache["batch"], cache["metrics"]
 
-    prepare.rollouts = prepare_batch.rollouts
+    prepare.rollouts, prepare.score = prepare_batch.rollouts, prepare_batch.score
     return prepare

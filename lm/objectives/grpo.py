@@ -66,13 +66,14 @@ def make_prepare_batch(config: Any, setup: Any, tokenizer: Any):
     ref_graphdef = setup.frozen_graphdefs["reference"]
     knobs, ref_knobs = _rl.sampling_knobs(rc), _rl.reference_knobs(rc)
     prompt_len = config.train.seq_len - rc.max_new_tokens
+    chunk = _rl.chunk_size_of(config)
 
     def score(params, seq, out, rewards, valid, frozen):
         if rc.reward == "reward_model":
             rewards = _rl.model_rewards(setup, seq, frozen)
         rewards = rewards + _rl.overlong(rc, out["lengths"])
-        old, entropy = _rl.policy_forward(setup.graphdef, params, seq, knobs)
-        ref, _ = _rl.policy_forward(ref_graphdef, frozen["reference"], seq, ref_knobs)
+        old, entropy = _rl.policy_forward(setup.graphdef, params, seq, knobs, chunk)
+        ref, _ = _rl.policy_forward(ref_graphdef, frozen["reference"], seq, ref_knobs, chunk)
         mask, excluded = _rl.scored_mask(seq, valid, old)
         shaped = _rl.kl_shaped(config, rewards, mask, old, ref)
         advantages = losses.group_advantages(shaped, rc.group_size, scale=rc.advantage_scale, ddof=rc.advantage_ddof)
@@ -88,11 +89,11 @@ def make_prepare_batch(config: Any, setup: Any, tokenizer: Any):
 def make_loss_fn(config: Any, graphdef: Any):
     """loss_fn(params, batch, rng, frozen) -> (policy loss sum, sums): lm.losses.policy_loss on the
     behaviour distribution's log-probs (rl's temperature and filters, as the sampler's)."""
-    knobs = _rl.sampling_knobs(config.rl)
+    knobs, chunk = _rl.sampling_knobs(config.rl), _rl.chunk_size_of(config)
 
     def loss_fn(params, batch, rng, frozen=None):
         del rng, frozen  # the reference's log-probs are in the batch
-        logprobs, entropy = _rl.policy_forward(graphdef, params, batch, knobs)
+        logprobs, entropy = _rl.policy_forward(graphdef, params, batch, knobs, chunk)
         total, sums, _ = _rl.policy_terms(config, logprobs, entropy, batch, batch["advantages"])
         return total, sums
 

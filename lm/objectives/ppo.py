@@ -46,12 +46,14 @@ def frozen_models(config: Any, model_cfg: Any) -> dict:
     return _rl.reference(config, model_cfg)
 
 
-def _forward(graphdef, params, batch, knobs):
-    """(log q(targets) [B, T] and entropy [B, T] of the behaviour distribution, values [B, T])."""
-    logits, values = nnx.merge(graphdef, params).logits_and_values(batch["inputs"], batch["positions"],
-                                                                   batch["segment_ids"])
-    logprobs, entropy = _rl.token_scores(logits, batch["targets"], knobs)
-    return logprobs, entropy, values
+def _forward(graphdef, params, batch, knobs, chunk_size=None):
+    """(log q(targets) [B, T] and entropy [B, T] of the behaviour distribution, values [B, T]) from
+    one pass: the value head and the log-probs (_rl.hidden_scores: chunked, no [B, T, V] logits
+    without a filter) share the hidden states."""
+    model = nnx.merge(graphdef, params)
+    hidden = model.hidden_states(batch["inputs"], batch["positions"], batch["segment_ids"])
+    logprobs, entropy = _rl.hidden_scores(model, hidden, batch["targets"], knobs, chunk_size)
+    return logprobs, entropy, model.value_head(hidden)
 
 
 def make_prepare_batch(config: Any, setup: Any, tokenizer: Any):
@@ -63,13 +65,14 @@ def make_prepare_batch(config: Any, setup: Any, tokenizer: Any):
     ref_graphdef = setup.frozen_graphdefs["reference"]
     knobs, ref_knobs = _rl.sampling_knobs(rc), _rl.reference_knobs(rc)
     prompt_len = config.train.seq_len - rc.max_new_tokens
+    chunk = _rl.chunk_size_of(config)
 
     def score(params, seq, out, rewards, valid, frozen):
         if rc.reward == "reward_model":
             rewards = _rl.model_rewards(setup, seq, frozen)
         rewards = rewards + _rl.overlong(rc, out["lengths"])
-        old, entropy, values = _forward(setup.graphdef, params, seq, knobs)
-        ref, _ = _rl.policy_forward(ref_graphdef, frozen["reference"], seq, ref_knobs)
+        old, entropy, values = _forward(setup.graphdef, params, seq, knobs, chunk)
+        ref, _ = _rl.policy_forward(ref_graphdef, frozen["reference"], seq, ref_knobs, chunk)
         mask, excluded = _rl.scored_mask(seq, valid, old)
         last = last_scored_index(mask)
         token_rewards = jnp.zeros_like(mask).at[jnp.arange(mask.shape[0]), last].set(rewards * valid)
@@ -94,11 +97,11 @@ def make_prepare_batch(config: Any, setup: Any, tokenizer: Any):
 def make_loss_fn(config: Any, graphdef: Any):
     """loss_fn(params, batch, rng, frozen) -> (policy + value loss sum, sums)."""
     rc = config.rl
-    knobs = _rl.sampling_knobs(rc)
+    knobs, chunk = _rl.sampling_knobs(rc), _rl.chunk_size_of(config)
 
     def loss_fn(params, batch, rng, frozen=None):
         del rng, frozen
-        logprobs, entropy, values = _forward(graphdef, params, batch, knobs)
+        logprobs, entropy, values = _forward(graphdef, params, batch, knobs, chunk)
         policy_sum, sums, policy = _rl.policy_terms(config, logprobs, entropy, batch, batch["advantages"])
         value = losses.value_loss(values, batch["old_values"], batch["returns"], batch["loss_mask"],
                                   clip_eps=rc.value_clip_eps or None, normalize=_value_normalize(rc),
