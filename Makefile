@@ -3,9 +3,9 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# extras installed with the project: `make test EXTRAS=test,hf` adds torch + transformers for the
+# extras installed with the project (curate: Apache Beam, tests/test_curate*.py): `make test EXTRAS=test,curate,hf` adds torch + transformers for the
 # live comparisons of tests/test_hf_live.py (.ci/run does); without them those tests skip.
-EXTRAS ?= test
+EXTRAS ?= test,curate
 PIP_ARGS ?=  # extra pip arguments for the install, e.g. a constraints file (.ci/run pins a CPU-only torch)
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
