@@ -37,6 +37,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     c.output.num_shards = 4           # part-0000i-of-0000n files (fixed, so reruns give the same files)
     c.output.compression = 'none'     # 'none' (.jsonl, what lm.data.prepare reads) | 'gzip' (.jsonl.gz)
     c.output.samples_per_reason = 5   # removed documents kept in samples/<stage>.<reason>.jsonl (first in input order)
+    c.output.write_removed = False    # also write removed/part-*.jsonl: {id, loc, stage, reason} of every removed document
     c.output.metadata_field = 'curate'  # key added to each kept document: {lang, lang_score, pii} ('' = none)
 
     c.normalize = ml_collections.ConfigDict()

@@ -83,7 +83,7 @@ class _Signature(beam.DoFn):
         nd = self.nd
         lang = doc['meta'].get('lang')
         unspaced = lang in self.unspaced if lang else looks_japanese(doc['text'])
-        sig = minhash.signature(minhash.shingles(doc['text'], nd['ngram'], nd['char_ngram'], unspaced),
+        sig = minhash.signature(minhash.shingle_hashes(doc['text'], nd['ngram'], nd['char_ngram'], unspaced),
                                 nd['num_perm'], nd['seed'])
         self.usec.inc(int((time.perf_counter() - start) * 1e6))
         yield doc['key'], sig
@@ -97,11 +97,12 @@ def _bucket_pairs(kv):
 
 
 def _send_left(kv):
-    """(a, {'sig': [sig_a], 'pair': [b, ...]}) -> (b, (a, sig_a))."""
+    """(a, {'sig': [sig_a], 'pair': [b, ...]}) -> (b, (a, sig_a)) once per distinct b (a pair found
+    in several bands is verified once)."""
     a, groups = kv
     sigs = list(groups['sig'])
     if sigs:
-        for b in groups['pair']:
+        for b in sorted(set(groups['pair'])):
             yield b, (a, sigs[0])
 
 
@@ -151,8 +152,7 @@ class NearDedup(beam.PTransform):
         pairs = (sigs
                  | 'bands' >> beam.FlatMap(lambda ks: [(b, ks[0]) for b in minhash.band_keys(ks[1], nd['bands'], nd['rows'])])
                  | 'buckets' >> beam.GroupByKey()
-                 | 'pairs' >> beam.FlatMap(_bucket_pairs)
-                 | 'distinct' >> beam.Distinct())
+                 | 'pairs' >> beam.FlatMap(_bucket_pairs))
         to_right = {'sig': sigs, 'pair': pairs} | 'join_left' >> beam.CoGroupByKey() | 'send' >> beam.FlatMap(_send_left)
         verified = ({'sig': sigs, 'cand': to_right} | 'join_right' >> beam.CoGroupByKey()
                     | 'verify' >> beam.ParDo(_Verify(nd['threshold'])).with_outputs('stats', main='edges'))

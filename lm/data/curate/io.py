@@ -216,3 +216,16 @@ class WriteShard(beam.DoFn):
         data = b''.join(dumps(to_record(d, self.input_cfg, self.metadata_field)) for d in docs)
         write_bytes(shard_path(output, shard, num_shards, compression), data, compression)
         yield ('output/documents', len(docs))
+
+
+class WriteRows(beam.DoFn):
+    """(shard, [row dict with 'key' or None]) -> one JSONL file of the rows sorted by key."""
+
+    def __init__(self, output: str, num_shards: int, compression: str):
+        self.args = (output, num_shards, compression)
+
+    def process(self, element):
+        shard, rows = element
+        output, num_shards, compression = self.args
+        rows = sorted((r for r in rows if r is not None), key=lambda r: r['key'])
+        write_bytes(shard_path(output, shard, num_shards, compression), b''.join(dumps(r) for r in rows), compression)

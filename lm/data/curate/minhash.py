@@ -2,10 +2,12 @@
 
 A document's shingles are its word n-grams (lower-cased words of letters and digits), or its
 character n-grams (spaces removed) when its language label is unspaced (Japanese, Chinese, Thai,
-...). A document shorter than n tokens is one shingle. Shingles are hashed with CRC-32 (stable
-across processes and machines, unlike Python's hash()). Two documents whose shingle sets have
-Jaccard similarity J agree on each signature entry with probability J; LSH with b bands of
-r rows makes them candidates with probability 1 - (1 - J^r)^b.
+...). A document shorter than n tokens is one shingle. Each shingle is hashed to 32 bits by
+hashing its tokens (CRC-32 of a word, the code point of a character) and combining the n token
+hashes with fixed odd multipliers, vectorized over the document in numpy: stable across
+processes and machines (unlike Python's hash()), and no Python work per shingle. Two documents
+whose shingle sets have Jaccard similarity J agree on each signature entry with probability J;
+LSH with b bands of r rows makes them candidates with probability 1 - (1 - J^r)^b.
 """
 
 from __future__ import annotations
@@ -31,17 +33,76 @@ def shingles(text: str, ngram: int, char_ngram: int, unspaced: bool) -> set[byte
     return {g.encode('utf-8') for g in grams}
 
 
-def signature(shingle_set: set[bytes], num_perm: int, seed: int) -> np.ndarray:
-    """[num_perm] uint32: the MinHash of the set (all 0xffffffff for an empty set)."""
-    from datasketch import MinHash
+_WORD_HASHES: dict[bytes, int] = {}  # word -> CRC-32, per process (words repeat: a dict look-up is faster)
+# ASCII bytes that are not \w (letters, digits, '_') -> space: for ASCII text, split() then gives \w+
+_NOT_WORD = bytes(b if chr(b).isalnum() or b == ord('_') else 32 for b in range(128)) + bytes(range(128, 256))
 
+
+def words_utf8(text: str) -> list[bytes]:
+    """The lower-cased \w+ words of `text`, UTF-8 (a fast path for ASCII text, same result)."""
+    if text.isascii():
+        return text.encode('ascii').lower().translate(_NOT_WORD).split()
+    return [w.encode('utf-8') for w in _WORDS.findall(text.lower())]
+
+
+def _word_hash(word: bytes, cache: dict) -> int:
+    h = cache[word] = zlib.crc32(word) or 1  # never 0, so `or` in the look-up works
+    return h
+
+
+_MULTIPLIERS = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93,
+                         0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53, 0x94D049BB133111EB, 0xBF58476D1CE4E5B9],
+                        dtype=np.uint64)
+
+
+def shingle_hashes(text: str, ngram: int, char_ngram: int, unspaced: bool) -> np.ndarray:
+    """[shingles] uint32: one hash per n-gram of `text` (the n-grams of `shingles`, repeats kept)."""
+    if unspaced:
+        tokens = np.frombuffer(''.join(text.split()).lower().encode('utf-32-le'), dtype=np.uint32)
+        n = char_ngram
+    else:
+        words = words_utf8(text)
+        cache = _WORD_HASHES if len(_WORD_HASHES) < 1 << 20 else {}
+        tokens = np.fromiter((cache.get(w) or _word_hash(w, cache) for w in words), dtype=np.uint32, count=len(words))
+        n = ngram
+    if len(tokens) == 0:
+        return np.zeros(1, np.uint32)
+    n = min(n, len(tokens))
+    x = tokens.astype(np.uint64)
+    count = len(x) - n + 1
+    h = np.zeros(count, np.uint64)
+    for k in range(n):  # sum_k token[i + k] * M_k  (mod 2^64), then fold to 32 bits
+        h += x[k:k + count] * _MULTIPLIERS[k % len(_MULTIPLIERS)] + np.uint64(k + 1)
+    return ((h >> np.uint64(32)) ^ h).astype(np.uint32)
+
+
+def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """datasketch's affine32 permutation parameters (a odd, b) for (num_perm, seed), cached."""
     key = (num_perm, seed)
     if key not in _PERMUTATIONS:
-        _PERMUTATIONS[key] = MinHash(num_perm=num_perm, seed=seed).permutations
-    m = MinHash(num_perm=num_perm, seed=seed, hashfunc=zlib.crc32, permutations=_PERMUTATIONS[key],
-                scheme='affine32')
-    m.update_batch(sorted(shingle_set))
-    return np.asarray(m.hashvalues, dtype=np.uint32)
+        from datasketch import MinHash
+
+        a, b = MinHash(num_perm=num_perm, seed=seed, scheme='affine32').permutations
+        _PERMUTATIONS[key] = (np.asarray(a, np.uint32), np.asarray(b, np.uint32))
+    return _PERMUTATIONS[key]
+
+
+def _fmix32(h: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 32-bit finalizer (datasketch's pre-mix of every input hash)."""
+    h = h ^ (h >> np.uint32(16))
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> np.uint32(13))
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> np.uint32(16))
+
+
+def signature(hashes: np.ndarray, num_perm: int, seed: int) -> np.ndarray:
+    """[num_perm] uint32: the MinHash of the set of shingle hashes, exactly what datasketch's
+    MinHash(scheme='affine32').update_batch gives (a test checks), vectorized over the document:
+    min over shingles of a * fmix32(h) + b (mod 2^32)."""
+    a, b = permutations(num_perm, seed)
+    with np.errstate(over='ignore'):
+        return (_fmix32(np.unique(hashes))[:, None] * a + b).min(axis=0)
 
 
 def band_keys(sig: np.ndarray, bands: int, rows: int) -> list[bytes]:

@@ -8,6 +8,7 @@ the pipeline computed (exact, part of the data) and the runner's per-stage CPU-t
 Output (deterministic: the same input and config give the same files, byte for byte):
   DIR/part-0000i-of-0000n.jsonl[.gz]  kept documents, each shard sorted by input order
   DIR/samples/<stage>.<reason>.jsonl  the first few removed documents per reason (input order)
+  DIR/removed/part-*.jsonl            with output.write_removed: every removed document's id, stage, reason
   DIR/report.json                     documents in / out / removed per stage and reason, first
                                       locations (file:line) per reason, duplicate-cluster size
                                       histograms, PII counts, CPU seconds per stage, wall time
@@ -38,6 +39,14 @@ def stage_transform(stage: str, config):
     if stage == 'near_dedup':
         return NearDedup(config)
     return PerDocument(stage, config)
+
+
+def _removed_row(r):
+    stage, reason, doc = r
+    row = dict(key=doc['key'], id=doc['id'], loc=doc['loc'], stage=stage, reason=reason)
+    if 'near_duplicate_of_key' in doc['meta']:
+        row['duplicate_of_key'] = doc['meta']['near_duplicate_of_key']
+    return row
 
 
 def _sample_record(item):
@@ -87,6 +96,11 @@ def build(p: beam.Pipeline, config: ml_collections.ConfigDict, files: list[str],
                                                         config.output.metadata_field)))
 
     removed = removed | 'removed' >> beam.Flatten()
+    if config.output.write_removed:
+        removed_shards = (p | 'all_removed_shards' >> beam.Create([(i, None) for i in range(n)]),
+                          removed | 'removed_shard' >> beam.Map(lambda r: (cio.shard_of(r[2]['key'], n), _removed_row(r))))
+        (removed_shards | 'removed_with_empty' >> beam.Flatten() | 'group_removed' >> beam.GroupByKey()
+         | 'write_removed' >> beam.ParDo(cio.WriteRows(FileSystems.join(output, 'removed'), n, config.output.compression)))
     stats.append(removed | 'count_removed' >> beam.Map(lambda r: (f'{r[0]}/removed/{r[1]}', 1)))
     flagged = read.flagged
     stats.append(flagged | 'count_flagged' >> beam.Map(lambda r: (f'{r[0]}/flagged/{r[1]}', 1)))
@@ -109,15 +123,19 @@ def build(p: beam.Pipeline, config: ml_collections.ConfigDict, files: list[str],
 def _prepare_output(output: str):
     """Creates DIR; clears what an earlier curate run wrote there; refuses a directory of other files."""
     os.makedirs(output, exist_ok=True) if '://' not in output else None
-    existing = [m.path for m in FileSystems.match([FileSystems.join(output, '*')])[0].metadata_list]
-    ours = [p for p in existing if os.path.basename(p).startswith(('part-', 'report.json', STATS_FILE))]
-    ours += [m.path for m in FileSystems.match([FileSystems.join(output, 'samples', '*')])[0].metadata_list]
+    existing = [m.path.rstrip('/') for m in FileSystems.match([FileSystems.join(output, '*')])[0].metadata_list]
+    ours = [p for p in existing if os.path.basename(p).startswith(('part-', 'report.json', STATS_FILE))
+            or os.path.basename(p) in ('samples', 'removed')]
     others = [p for p in existing if p not in ours]
     if others:
         raise ValueError(f'--output {output} holds files that curate did not write ({others[0]}, ...): '
                          'give an empty or new directory')
-    if ours:
-        FileSystems.delete(ours)
+    for sub in ('samples', 'removed'):  # object stores list no directories: their files one by one
+        ours += [m.path for m in FileSystems.match([FileSystems.join(output, sub, '*')])[0].metadata_list
+                 if m.path.rstrip('/') not in ours]
+    for path in ours:
+        if FileSystems.exists(path):
+            FileSystems.delete([path])
 
 
 def _cpu_seconds(result) -> dict:
