@@ -117,6 +117,7 @@ class ReadFile(beam.DoFn):
         loc = f'{name}:{line}'
         bad_utf8 = False
         if isinstance(item, bytes):
+            item = item.rstrip(b'\r\n')
             try:
                 raw = item.decode('utf-8')
             except UnicodeDecodeError:

@@ -39,7 +39,7 @@ _NOT_WORD = bytes(b if chr(b).isalnum() or b == ord('_') else 32 for b in range(
 
 
 def words_utf8(text: str) -> list[bytes]:
-    """The lower-cased \w+ words of `text`, UTF-8 (a fast path for ASCII text, same result)."""
+    r"""The lower-cased \w+ words of `text`, UTF-8 (a fast path for ASCII text, same result)."""
     if text.isascii():
         return text.encode('ascii').lower().translate(_NOT_WORD).split()
     return [w.encode('utf-8') for w in _WORDS.findall(text.lower())]
