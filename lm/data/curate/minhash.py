@@ -62,7 +62,7 @@ def shingle_hashes(text: str, ngram: int, char_ngram: int, unspaced: bool) -> np
         n = char_ngram
     else:
         words = words_utf8(text)
-        cache = _WORD_HASHES if len(_WORD_HASHES) < 1 << 20 else {}
+        cache = _WORD_HASHES if len(_WORD_HASHES) < 1 << 18 else {}  # bounded: ~30 MB
         tokens = np.fromiter((cache.get(w) or _word_hash(w, cache) for w in words), dtype=np.uint32, count=len(words))
         n = ngram
     if len(tokens) == 0:
