@@ -105,7 +105,7 @@ class ReadFile(beam.DoFn):
         import pyarrow.parquet as pq
 
         with FileSystems.open(path, compression_type='uncompressed') as f:
-            parquet = pq.ParquetFile(io.BytesIO(f.read()))
+            parquet = pq.ParquetFile(f)  # reads the footer, then one row group at a time
             row = 0
             for batch in parquet.iter_batches(batch_size=1024):
                 for record in batch.to_pylist():

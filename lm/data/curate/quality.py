@@ -18,7 +18,7 @@ STOP_WORDS = frozenset(('the', 'be', 'to', 'of', 'and', 'that', 'have', 'with'))
 BULLETS = ('•', '‣', '◦', '●', '○', '▪', '-', '*', '·')
 TERMINAL = ('.', '!', '?', '"', "'", '”', '’', '。', '！', '？', '」', '』', '…')
 _PARAGRAPHS = re.compile(r'\n\s*\n')
-_ALPHA = re.compile(r'[^\W\d_]')
+_NO_LETTER_WORD = re.compile(r'(?<!\S)(?:[^\w\s]|[\d_])+(?!\S)')  # a whitespace-separated word without a letter
 _HIRAGANA = re.compile('[\u3041-\u309f]')
 _KATAKANA = re.compile('[\u30a0-\u30ff\uff66-\uff9f]')
 _KANJI = re.compile('[\u4e00-\u9fff\u3400-\u4dbf\uf900-\ufaff]')
@@ -60,7 +60,7 @@ class QualityRules:
             return 'gopher_bullet_lines'
         if lines and sum(line.rstrip().endswith(('...', '…')) for line in lines) / len(lines) > q.max_ellipsis_lines:
             return 'gopher_ellipsis_lines'
-        if sum(_ALPHA.search(w) is not None for w in words) / n < q.min_alpha_words:
+        if 1 - len(_NO_LETTER_WORD.findall(text)) / n < q.min_alpha_words:
             return 'gopher_alpha_words'
         if lang in (None, 'en') and len(STOP_WORDS.intersection(w.lower() for w in stripped)) < q.min_stop_words:
             return 'gopher_stop_words'
@@ -88,9 +88,12 @@ class QualityRules:
                 gram, count = grams.most_common(1)[0]
                 if count > 1 and count * sum(map(len, gram)) / total > limit:
                     return f'gopher_top_{n}gram_chars'
-        for n, limit in self.dup_ngram.items():
-            if len(tokens) >= n and _dup_ngram_chars(tokens, n) / total > limit:
+        for n, limit in sorted(self.dup_ngram.items()):
+            dup = _dup_ngram_chars(tokens, n) if len(tokens) >= n else 0
+            if dup / total > limit:
                 return f'gopher_dup_{n}gram_chars'
+            if dup == 0:  # no repeated n-gram: no repeated longer one either
+                break
         return None
 
     def c4(self, text: str) -> str | None:
