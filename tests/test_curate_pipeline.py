@@ -160,14 +160,16 @@ def test_rerun_gives_the_same_bytes(curated):
 
 def test_connected_components_in_beam():
     import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
     from apache_beam.testing.util import assert_that, equal_to
     from lm.data.curate.components import ConnectedComponents
+    from lm.data.curate.pipeline import local_runner
 
     path = [(i, i + 1) for i in range(100, 140)]  # a 41-node chain, given in shuffled order
     random.Random(0).shuffle(path)
     edges = path + [(7, 3), (3, 9), (9, 7), (5, 2), (50, 60)]
     expected = {**{i: 100 for i in range(100, 141)}, 3: 3, 7: 3, 9: 3, 2: 2, 5: 2, 50: 50, 60: 50}
-    with beam.Pipeline() as p:
+    with beam.Pipeline(runner=local_runner(PipelineOptions())) as p:  # in-process, never the Prism download
         e = p | beam.Create(edges)
         full = e | 'full' >> ConnectedComponents(max_rounds=6)
         assert_that(full['labels'], equal_to(list(expected.items())), label='labels')
