@@ -68,7 +68,8 @@ def repair_value(value):
 
 class ReadFile(beam.DoFn):
     """(rank, path, name) -> documents; bad records -> TaggedOutput('removed', ('input', kind, stub)),
-    documents with invalid UTF-8 also -> TaggedOutput('flagged', ('input', 'invalid_utf8', stub))."""
+    documents with invalid UTF-8 also -> TaggedOutput('flagged', ('input', 'invalid_utf8', stub)),
+    the file's document count -> TaggedOutput('stats', ('input/documents', n))."""
 
     def __init__(self, input_cfg: dict):
         self.cfg = input_cfg
@@ -78,15 +79,18 @@ class ReadFile(beam.DoFn):
         fmt = self.cfg['format']
         if fmt == 'auto':
             fmt = 'parquet' if path.endswith('.parquet') else 'jsonl'
-        line = 0
+        line = documents = 0
         try:
             reader = self._parquet_rows if fmt == 'parquet' else self._jsonl_rows
             for line, item in reader(path):
-                yield from self._document(rank, name, line, item)
+                for out in self._document(rank, name, line, item):
+                    documents += isinstance(out, dict)
+                    yield out
         except Exception as e:  # an unreadable file (or the rest of it) is counted, never a crash
             loc = f'{name}:{line + 1}'
             yield beam.pvalue.TaggedOutput('removed', ('input', 'unreadable_file', _stub(
                 (rank << LINE_BITS) | (line + 1), loc, f'{type(e).__name__}: {e}')))
+        yield beam.pvalue.TaggedOutput('stats', ('input/documents', documents))
 
     def _jsonl_rows(self, path):
         f = FileSystems.open(path)  # compression from the extension (.gz, .bz2, ...)
