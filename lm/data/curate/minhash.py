@@ -3,8 +3,8 @@
 A document's shingles are its word n-grams (lower-cased words of letters and digits), or its
 character n-grams (spaces removed) when its language label is unspaced (Japanese, Chinese, Thai,
 ...). A document shorter than n tokens is one shingle. Each shingle is hashed to 32 bits by
-hashing its tokens (CRC-32 of a word, the code point of a character) and combining the n token
-hashes with fixed odd multipliers, vectorized over the document in numpy: stable across
+hashing its tokens (a polynomial hash of a word's UTF-8 bytes, the code point of a character) and
+combining the n token hashes with fixed odd multipliers, vectorized over the document in numpy: stable across
 processes and machines (unlike Python's hash()), and no Python work per shingle. Two documents
 whose shingle sets have Jaccard similarity J agree on each signature entry with probability J;
 LSH with b bands of r rows makes them candidates with probability 1 - (1 - J^r)^b.
@@ -13,7 +13,6 @@ LSH with b bands of r rows makes them candidates with probability 1 - (1 - J^r)^
 from __future__ import annotations
 
 import re
-import zlib
 
 import numpy as np
 
@@ -33,21 +32,46 @@ def shingles(text: str, ngram: int, char_ngram: int, unspaced: bool) -> set[byte
     return {g.encode('utf-8') for g in grams}
 
 
-_WORD_HASHES: dict[bytes, int] = {}  # word -> CRC-32, per process (words repeat: a dict look-up is faster)
-# ASCII bytes that are not \w (letters, digits, '_') -> space: for ASCII text, split() then gives \w+
+# ASCII bytes that are not \w (letters, digits, '_') -> space: for ASCII text the runs of other
+# bytes are then exactly its \w+ words
 _NOT_WORD = bytes(b if chr(b).isalnum() or b == ord('_') else 32 for b in range(128)) + bytes(range(128, 256))
+_BASE = 0x100000001B3  # odd, so invertible modulo 2^64
+_POWERS = [np.ones(1, np.uint64), np.ones(1, np.uint64)]  # BASE^i and BASE^-i (mod 2^64), grown on demand
+
+
+def words_bytes(text: str) -> bytes:
+    r"""The lower-cased \w+ words of `text` in UTF-8, separated by spaces (a fast path for ASCII)."""
+    if text.isascii():
+        return text.encode('ascii').lower().translate(_NOT_WORD)
+    return b' '.join(w.encode('utf-8') for w in _WORDS.findall(text.lower()))
 
 
 def words_utf8(text: str) -> list[bytes]:
-    r"""The lower-cased \w+ words of `text`, UTF-8 (a fast path for ASCII text, same result)."""
-    if text.isascii():
-        return text.encode('ascii').lower().translate(_NOT_WORD).split()
-    return [w.encode('utf-8') for w in _WORDS.findall(text.lower())]
+    return words_bytes(text).split()
 
 
-def _word_hash(word: bytes, cache: dict) -> int:
-    h = cache[word] = zlib.crc32(word) or 1  # never 0, so `or` in the look-up works
-    return h
+def _powers(n: int):
+    if len(_POWERS[0]) < n:
+        size = max(n, 2 * len(_POWERS[0]), 4096)
+        with np.errstate(over='ignore'):
+            one = np.ones(1, np.uint64)
+            _POWERS[0] = np.concatenate((one, np.cumprod(np.full(size - 1, _BASE, np.uint64), dtype=np.uint64)))
+            inverse = np.uint64(pow(_BASE, -1, 1 << 64))
+            _POWERS[1] = np.concatenate((one, np.cumprod(np.full(size - 1, inverse, np.uint64), dtype=np.uint64)))
+    return _POWERS[0], _POWERS[1]
+
+
+def word_hashes(buf: bytes) -> np.ndarray:
+    """[words] uint64: sum_i (byte_i + 1) * BASE^i over each space-separated word of `buf`, for all
+    words at once (prefix sums of byte * BASE^position, shifted back by BASE^-start)."""
+    a = np.frombuffer(buf, np.uint8)
+    edges = np.diff(np.concatenate(([0], (a != 32).view(np.int8), [0])))
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    power, inverse = _powers(len(a) + 1)
+    with np.errstate(over='ignore'):
+        prefix = np.concatenate((np.zeros(1, np.uint64),
+                                 np.cumsum((a.astype(np.uint64) + np.uint64(1)) * power[:len(a)], dtype=np.uint64)))
+        return (prefix[ends] - prefix[starts]) * inverse[starts]
 
 
 _MULTIPLIERS = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93,
@@ -61,9 +85,7 @@ def shingle_hashes(text: str, ngram: int, char_ngram: int, unspaced: bool) -> np
         tokens = np.frombuffer(''.join(text.split()).lower().encode('utf-32-le'), dtype=np.uint32)
         n = char_ngram
     else:
-        words = words_utf8(text)
-        cache = _WORD_HASHES if len(_WORD_HASHES) < 1 << 18 else {}  # bounded: ~30 MB
-        tokens = np.fromiter((cache.get(w) or _word_hash(w, cache) for w in words), dtype=np.uint32, count=len(words))
+        tokens = word_hashes(words_bytes(text))
         n = ngram
     if len(tokens) == 0:
         return np.zeros(1, np.uint32)
@@ -71,8 +93,9 @@ def shingle_hashes(text: str, ngram: int, char_ngram: int, unspaced: bool) -> np
     x = tokens.astype(np.uint64)
     count = len(x) - n + 1
     h = np.zeros(count, np.uint64)
-    for k in range(n):  # sum_k token[i + k] * M_k  (mod 2^64), then fold to 32 bits
-        h += x[k:k + count] * _MULTIPLIERS[k % len(_MULTIPLIERS)] + np.uint64(k + 1)
+    with np.errstate(over='ignore'):
+        for k in range(n):  # sum_k token[i + k] * M_k  (mod 2^64), then fold to 32 bits
+            h += x[k:k + count] * _MULTIPLIERS[k % len(_MULTIPLIERS)] + np.uint64(k + 1)
     return ((h >> np.uint64(32)) ^ h).astype(np.uint32)
 
 
