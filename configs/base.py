@@ -35,6 +35,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.remat = False  # recompute block activations in the backward pass (saves memory)
     m.scan_layers = True  # lax.scan over the stacked blocks; False unrolls them (longer compile, faster on CPU)
     m.attention_block = 64  # causal attention in blocks of this many queries, skipping masked key blocks; 0: off
+    m.attention_impl = "auto"  # auto | dense | blockwise | splash | cudnn | pallas_gpu (lm/model/attention_ops.py);
+    # auto picks by the platform compiled for: TPU splash; GPU cudnn (bfloat16), else pallas_gpu; CPU dense
+    # below 512 tokens per row, blockwise (flash-style XLA in blocks of attention_block, memory O(T·block)) from there
     m.decode_block = 0  # cached decoding attends to all slots; b > 0: the filled ones rounded up to a multiple of b
     m.init_scale = 1.0  # multiplies every initial standard deviation
     m.qkv_bias = False  # biases on the q, k, v projections (Qwen2): params blocks.attn.bq [L, H, hd], bk, bv [L, K, hd]
@@ -143,5 +146,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     s.temperature = 0.0  # 0: greedy
     s.top_k = 0  # 0: off
     s.top_p = 1.0  # 1: off
+
+    # -- the run's stated goal, checked and printed at the end (lm/io/report.py: target_verdict) ---------------
+    g = c.target = ml_collections.ConfigDict()
+    g.metric = ""  # a summary.json key, e.g. 'relative_gap'; "" states no target
+    g.max = ml_collections.FieldReference(None, field_type=float)  # met when summary[metric] <= max
+    g.min = ml_collections.FieldReference(None, field_type=float)  # met when summary[metric] >= min
 
     return c

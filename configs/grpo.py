@@ -31,10 +31,13 @@ def rl_config() -> ml_collections.ConfigDict:
     rl.group_size = 8  # G: completions sampled per prompt (train.batch_size / G prompts per step)
     rl.max_new_tokens = 12  # N: tokens generated per completion, stop token included
     rl.max_answer_tokens = 16  # longest reference answer a prompt batch carries (tokens)
-    rl.stop = "end_of_turn"  # 'end_of_turn': a completion ends at <|end_of_turn|>; 'none': always N tokens
-    rl.temperature = 1.0  # sampling temperature of the rollouts (old log-probs are the policy's at 1)
+    rl.stop = "stop_ids"  # 'stop_ids': a completion ends at any stop id of the tokenizer (end_of_turn, eos, an
+    #   imported model's generation_config eos list; 'end_of_turn' is the old name of the same); 'none': N tokens
+    rl.temperature = 1.0  # > 0: sampling temperature of the rollouts; every policy log-prob (old, current) is of
+    #   the distribution sampled (temperature and the filters below, lm.sampling.behaviour_logprobs)
     rl.top_k = 0  # rollout top-k; 0: off
     rl.top_p = 1.0  # rollout top-p; 1: off
+    rl.min_p = 0.0  # rollout min-p; 0: off
     rl.decode_layout = True  # decode with lm.model.cpu.for_decoding's fused copy, built inside the jit
     rl.reward = "exact_match"  # lm/rewards.py: 'name' or 'name:weight,name:weight'; or 'reward_model'
     rl.on_reward_error = "raise"  # a reward that raises / is not finite: 'raise', or 'skip' (masked, counted)
@@ -46,12 +49,22 @@ def rl_config() -> ml_collections.ConfigDict:
     rl.reward_model = ml_collections.FieldReference(None, field_type=str)  # rl.reward='reward_model': its run
     rl.updates_per_rollout = 1  # optimizer steps per rollout (k > 1: PPO epochs; the clip acts)
     rl.advantage_scale = "group"  # GRPO: divide centred rewards by the group's std, the batch's, or 'none'
+    rl.advantage_ddof = 0  # that std's ddof: 0 population std (published GRPO); 1 sample std (TRL's torch.std)
     rl.clip_eps = 0.2  # ε of the clipped ratio
     rl.clip_eps_high = 0.0  # ε_high (DAPO clip-higher); 0: = clip_eps
     rl.kl_coef = 0.02  # β: weight of the per-token KL to the reference
-    rl.kl_estimator = "k3"  # 'k1' (log ratio) or 'k3' (ρ − log ρ − 1, ≥ 0)
-    rl.kl_penalty = "loss"  # 'loss': β·KL_t in the policy loss; 'reward': β·(sampled KL) subtracted from the reward
+    rl.kl_estimator = "k2"  # penalty in the loss (lm.losses.kl_penalty): 'k2' ½(log π − log π_ref)², expected
+    #   gradient ∇KL(π‖π_ref); 'k3' (TRL's) gives ∇KL(π_ref‖π), the forward KL; 'k1' gives 0 in expectation
+    rl.kl_penalty = "loss"  # 'loss': β·KL_t in the policy loss; 'reward': β·(sampled k1) subtracted from the reward
     rl.normalize = "sequence"  # policy-loss normalization: 'sequence' (GRPO), 'token' (DAPO), 'constant'
+    rl.loss_type = ""  # '' (clipped surrogate, rl.normalize) or the GRPO family of lm.losses.policy_loss: 'grpo',
+    #   'bnpo', 'dapo', 'dr_grpo', 'cispo', 'sapo' (each with its own normalization; rl.normalize then unused)
+    rl.importance_sampling_level = "token"  # 'token': per-token ratio; 'sequence': GSPO's length-normalized one
+    rl.sapo_temperature_pos = 1.0  # SAPO's gate temperature τ for positive advantages
+    rl.sapo_temperature_neg = 1.05  # SAPO's τ for negative advantages
+    rl.dynamic_sampling = False  # DAPO: drop groups whose rewards are all equal (counted), resample to refill
+    rl.dynamic_sampling_max_rounds = 4  # extra rollouts of the step's prompts to refill; then masked, counted
+    rl.overlong_cache = 0  # DAPO soft overlong penalty: L_cache tokens before rl.max_new_tokens; 0: off
     # PPO only (lm/objectives/ppo.py)
     rl.gamma = 1.0  # discount of GAE
     rl.lam = 0.95  # λ of GAE
@@ -118,6 +131,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.rl.max_new_tokens = 8  # N, the horizon
         c.rl.max_answer_tokens = 1  # no answers
         c.rl.reward = "markov"
+        c.rl.on_reward_error = "skip"  # a character outside the alphabet (rare): masked and counted, as markov_gain does
         c.rl.reward_options.alphabet = "abcdefgh"  # = data.markov.alphabet
         c.rl.kl_coef = 0.5  # β of J = E[r] − β·KL(π‖π_ref)
         c.rl.kl_penalty = "reward"  # the sampled KL in the reward: the gradient of J itself

@@ -44,9 +44,10 @@ def ref_policy_loss(logp, old, adv, mask, clip_eps, high, ref, kl_coef, estimato
             loss, grad = -min(unclipped, clipped), (0.0 if active else -ratio * a)
             if ref is not None:
                 log_rho = ref[b, t] - logp[b, t]
-                kl = -log_rho if estimator == "k1" else np.exp(log_rho) - log_rho - 1
-                dkl = 1.0 if estimator == "k1" else 1.0 - np.exp(log_rho)
-                loss, grad, kl_sum = loss + kl_coef * kl, grad + kl_coef * dkl, kl_sum + m * kl
+                k3 = np.exp(log_rho) - log_rho - 1
+                kl = {"k1": -log_rho, "k2": 0.5 * log_rho**2, "k3": k3}[estimator]
+                dkl = {"k1": 1.0, "k2": -log_rho, "k3": 1.0 - np.exp(log_rho)}[estimator]
+                loss, grad, kl_sum = loss + kl_coef * kl, grad + kl_coef * dkl, kl_sum + m * k3
             per_token[b, t], dloss[b, t] = m * loss, m * grad
             clip_sum, ratio_sum = clip_sum + m * active, ratio_sum + m * ratio
     row_w = mask.sum(1)
@@ -144,7 +145,7 @@ def test_group_advantages_errors(rewards, group_size, scale, match):
 # ----------------------------------------------------------------------------- policy loss
 
 @pytest.mark.parametrize("normalize", NORMALIZE)
-@pytest.mark.parametrize("estimator", ["k1", "k3"])
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
 def test_policy_loss_matches_numpy(normalize, estimator):
     for seed, adv_key, high, kl_coef in [(1, "adv_seq", None, 0.1), (2, "adv_tok", 0.28, 0.5),
                                          (3, "adv_seq", 0.28, 0.0)]:
@@ -199,18 +200,20 @@ def test_k3_is_nonnegative_and_both_estimators_vanish_at_the_reference():
     logp = jnp.asarray(-rng.exponential(size=(6, 9)), jnp.float32)
     ref = logp + jnp.asarray(rng.normal(0, 1.0, size=(6, 9)), jnp.float32)
     k1, _ = per_token_kl(logp, ref, "k1")
+    k2, _ = per_token_kl(logp, ref, "k2")
     k3, _ = per_token_kl(logp, ref, "k3")
-    assert (k1 < 0).any() and (k3 >= 0).all() and (k3 > 0).any()
-    for estimator in ("k1", "k3"):
+    assert (k1 < 0).any() and (k3 >= 0).all() and (k3 > 0).any() and (k2 >= 0).all()
+    for estimator in ("k1", "k2", "k3"):
         per_token, kl_sum = per_token_kl(logp, logp, estimator)
         np.testing.assert_array_equal(per_token, 0.0)
         assert kl_sum == 0.0
 
 
-@pytest.mark.parametrize("estimator", ["k1", "k3"])
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
 def test_kl_estimators_are_unbiased(estimator):
     """Weighting each vocabulary entry v by π(v) (the mask as weights) gives the exact
-    expectation over samples from π: both estimators then equal KL(π‖π_ref)."""
+    expectation over samples from π: the reported KL (k3) is then KL(π‖π_ref) whatever the
+    penalty's estimator."""
     rng = np.random.default_rng(6)
     pi_logits, ref_logits = rng.normal(size=(2, 6, 9)) * 2
     logp = jax.nn.log_softmax(jnp.asarray(pi_logits, jnp.float32))
@@ -313,7 +316,7 @@ def ref_value_loss(values, old, returns, mask, clip_eps):
     unclipped = (values - returns) ** 2
     if clip_eps is None:
         return 0.5 * unclipped * mask, np.zeros(mask.shape, bool), (values - returns) * mask
-    v_clip = old + np.clip(values - old, -clip_eps, clip_eps)
+    v_clip = np.clip(values, old - clip_eps, old + clip_eps)  # TRL's clip_by_value
     clipped = (v_clip - returns) ** 2
     active = (clipped > unclipped) & (mask != 0)
     grad = np.where(active, 0.0, values - returns) * mask
@@ -453,7 +456,9 @@ def test_low_precision_inputs_give_float32_results():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(normalize="mean"), "normalize must be one of"),
-    (dict(kl_estimator="k2", ref_logprobs=np.zeros((2, 3))), "kl_estimator must be one of"),
+    (dict(kl_estimator="k4", ref_logprobs=np.zeros((2, 3))), "kl_estimator must be one of"),
+    (dict(loss_type="ppo2"), "loss_type must be one of"),
+    (dict(importance_sampling_level="row"), "importance_sampling_level must be one of"),
     (dict(kl_coef=0.1), "kl_coef=0.1 needs ref_logprobs"),
     (dict(ref_logprobs=np.zeros((2, 4))), r"ref_logprobs has shape \(2, 4\)"),
     (dict(advantages=np.zeros(3)), "advantages must be"),

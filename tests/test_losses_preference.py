@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm.losses import bradley_terry_loss, dpo_loss, dpo_metrics, mean_of
+from lm.losses import bradley_terry_loss, dpo_loss, dpo_metrics, mean_of, orpo_loss, simpo_loss
 
 LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "reference_free")
 
@@ -222,3 +222,58 @@ def test_bradley_terry_matches_numpy_with_margin_and_strict_accuracy():
     g1 = jax.grad(lambda r: bradley_terry_loss(r, rr, margin=1.0).sum)(jnp.asarray(rc))
     np.testing.assert_allclose(g0, -1 / (1 + np.exp(rc - rr.astype(np.float64))), rtol=1e-5)
     assert np.all(np.asarray(g1) < np.asarray(g0))
+
+
+# ----------------------------------------------------------------------------- SimPO and ORPO
+
+def test_simpo_matches_the_paper_and_trl():
+    """SimPO (Meng et al. 2024, eq. 6): −log σ(β/|y_w|·log π(y_w) − β/|y_l|·log π(y_l) − γ); TRL's
+    CPOTrainer (loss_type='simpo'): logits = (mean logp_c − mean logp_r) − γ/β, loss = −log σ(β·logits)."""
+    (pc, pr, _, _), (nc, nr), weights = random_pairs(21)
+    beta, gamma, eps = 2.0, 0.7, 0.1
+    out = simpo_loss(pc, pr, nc, nr, beta=beta, gamma=gamma, label_smoothing=eps, weights=weights)
+    c, r = np.float64(pc) / nc, np.float64(pr) / nr
+    paper = -(1 - eps) * np_log_sigmoid(beta * c - beta * r - gamma) - eps * np_log_sigmoid(-(beta * c - beta * r - gamma))
+    trl_logits = (c - r) - gamma / beta
+    trl = -np_log_sigmoid(beta * trl_logits) * (1 - eps) - np_log_sigmoid(-beta * trl_logits) * eps
+    np.testing.assert_allclose(paper, trl, rtol=1e-12)
+    np.testing.assert_allclose(out.per_pair_loss, weights * paper, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out.sum, np.sum(weights * paper), rtol=1e-5)
+    assert out.count == np.float32(weights.sum())
+    np.testing.assert_allclose(out.chosen_rewards_sum, np.sum(weights * beta * c), rtol=1e-5)
+    grad = jax.grad(lambda x: simpo_loss(x, pr, nc, nr, beta=beta, gamma=gamma, weights=weights).sum)(jnp.asarray(pc))
+    z = beta * c - beta * r - gamma
+    np.testing.assert_allclose(grad, -weights * (1 - 1 / (1 + np.exp(-z))) * beta / nc, rtol=1e-4, atol=1e-7)
+
+
+def test_orpo_matches_the_paper_and_trl():
+    """ORPO (Hong et al. 2024, eq. 6–7): L_SFT + λ·(−log σ(log odds(y_w)/odds(y_l))), odds = P/(1−P),
+    P = exp(mean log-prob); TRL's ORPOTrainer: log_odds = (c − r) − (log1p(−e^c) − log1p(−e^r))."""
+    (pc, pr, _, _), (nc, nr), weights = random_pairs(22)
+    pc, pr = pc / 20, pr / 20  # mean log-probs from −2 to −0.01: probabilities up to 0.99
+    lam = 0.4
+    out = orpo_loss(pc, pr, nc, nr, lam=lam, weights=weights)
+    c, r = np.float64(pc) / nc, np.float64(pr) / nr
+    odds = lambda m: np.exp(m) / (1 - np.exp(m))  # noqa: E731
+    paper = -c - lam * np_log_sigmoid(np.log(odds(c) / odds(r)))
+    trl_log_odds = (c - r) - (np.log1p(-np.exp(c)) - np.log1p(-np.exp(r)))
+    np.testing.assert_allclose(np.log(odds(c) / odds(r)), trl_log_odds, rtol=1e-9)
+    np.testing.assert_allclose(out.per_pair_loss, weights * paper, rtol=1e-5, atol=1e-6)
+    assert out.count == np.float32(weights.sum())
+    np.testing.assert_allclose(out.nll_sum, np.sum(weights * -c), rtol=1e-5)
+    np.testing.assert_allclose(out.log_odds_sum, np.sum(weights * trl_log_odds), rtol=1e-4)
+    assert np.isfinite(orpo_loss(jnp.zeros(2), jnp.full(2, -3.0), jnp.ones(2), jnp.ones(2)).sum)  # P = 1: finite
+
+
+@pytest.mark.parametrize("fn", [simpo_loss, orpo_loss])
+def test_simpo_orpo_split_and_zero_weight(fn):
+    (pc, pr, _, _), (nc, nr), weights = random_pairs(23)
+    kw = dict(beta=1.5) if fn is simpo_loss else dict(lam=0.3)
+    whole = fn(pc, pr, nc, nr, weights=weights, **kw)
+    halves = [fn(pc[s], pr[s], nc[s], nr[s], weights=weights[s], **kw) for s in (slice(0, 5), slice(5, None))]
+    np.testing.assert_allclose(mean_of(sum(h.sum for h in halves), sum(h.count for h in halves)), whole.mean, rtol=1e-6)
+    nan = jnp.full(3, jnp.nan)
+    loss, grad = jax.value_and_grad(lambda x: fn(x, nan, nan, nan, weights=jnp.zeros(3), **kw).mean)(nan)
+    assert loss == 0.0 and np.all(np.asarray(grad) == 0.0)
+    with pytest.raises(ValueError, match="token counts"):
+        fn(pc, pr, None, nr, **kw)

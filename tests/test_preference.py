@@ -148,7 +148,8 @@ def test_reward_loss_is_bradley_terry_of_the_models_rewards(pair_batch):
     config = reward_config.get_config("tiny")
     config.reward.center_rewards = 0.1
     obj, sums = jax.jit(reward.make_loss_fn(config, graphdef))(params, pair_batch, None, {})
-    rewards = jax.jit(lambda b: model.rewards(b["inputs"], b["positions"], b["segment_ids"], b["loss_mask"]))
+    rewards = jax.jit(lambda b: model.rewards(b["inputs"], b["positions"], b["segment_ids"], b["loss_mask"],
+                                              b["targets"]))  # the final token is a target only
     r_c, r_r = rewards(pair_batch["chosen"]), rewards(pair_batch["rejected"])
     ref = losses.bradley_terry_loss(r_c, r_r)
     np.testing.assert_allclose(obj, ref.sum + 0.1 * jnp.sum((r_c + r_r) ** 2), rtol=1e-5)

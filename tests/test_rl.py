@@ -237,3 +237,65 @@ def test_grpo_with_a_trained_reward_model(tmp_path):
     scores = rm.rewards(batch["inputs"], batch["positions"], batch["segment_ids"], batch["loss_mask"])
     assert float(np.std(scores)) > 0  # the completions differ, and so do their scores
     np.testing.assert_allclose(float(metrics["rl/reward_mean"]), float(np.mean(scores)), rtol=1e-5, atol=1e-6)
+
+
+def test_on_policy_ratio_is_one_under_temperature_and_top_p(tiny_run):
+    """One behaviour distribution: with temperature 0.7 and top-p 0.9 the sampler's recorded
+    log-probs equal the scorer's (old) ones, and the loss's log-probs at the same parameters give
+    ratio 1 on every response token (separate jits, separate layouts)."""
+    from lm.objectives import _rl
+
+    config, result = tiny_run
+    config = config.copy_and_resolve_references()
+    config.rl.temperature, config.rl.top_p = 0.7, 0.9
+    setup, params = result.setup, result.state.params
+    objective = objectives.get("grpo")
+    prepare = objective.make_prepare_batch(config, setup, TOK)
+    prompts = train.global_batch(objective.make_train_iter(config, TOK, batch_size=config.train.batch_size).__next__(),
+                                 setup.mesh)
+    seq, out = prepare.rollouts.sample(params, prompts, jax.random.key(11))
+    batch, metrics = prepare(params, prompts, jax.random.key(11), result.frozen)
+    mask = np.asarray(batch["loss_mask"]) != 0
+    assert mask.sum() > 20 and float(metrics["rl/excluded_tokens"]) == 0
+    prompt_len = config.train.seq_len - config.rl.max_new_tokens
+    recorded = np.asarray(out["sample_logprobs"])
+    scored = np.asarray(completion_values(batch["old_logprobs"], prompt_len))
+    produced = np.asarray(out["tokens"]) >= 0
+    np.testing.assert_allclose(scored[produced], recorded[produced], atol=1e-5)
+    assert float(metrics["rl/sampler_scorer_gap"]) < 1e-5
+    # the filtered distribution differs from the plain one: the check would catch the old scorer
+    plain = np.asarray(out["policy_logprobs"])
+    assert np.abs(plain[produced] - recorded[produced]).max() > 0.05
+    knobs = _rl.sampling_knobs(config.rl)
+    current, _ = jax.jit(lambda p, b: _rl.policy_forward(setup.graphdef, p, b, knobs))(params, batch)
+    ratio = np.exp(np.asarray(current) - np.asarray(batch["old_logprobs"]))[mask]
+    np.testing.assert_allclose(ratio, 1.0, atol=1e-5)
+    _, sums = jax.jit(objective.make_loss_fn(config, setup.graphdef))(params, batch, None, None)
+    ratio_sum, n = sums["means"]["policy/ratio"]
+    np.testing.assert_allclose(float(ratio_sum / n), 1.0, atol=1e-6)
+
+
+def test_dynamic_sampling_drops_counts_and_refills(tiny_run):
+    """rl.dynamic_sampling: with the exact-match reward a random tiny policy scores 0 on every
+    completion, so every group is all-equal: each round drops and counts them all, and after
+    rl.dynamic_sampling_max_rounds refills the batch keeps them with weight 0 (nothing trains on
+    them); with char_fraction the groups are mixed and nothing is dropped."""
+    config, result = tiny_run
+    setup = result.setup
+    objective = objectives.get("grpo")
+    config = config.copy_and_resolve_references()
+    config.rl.dynamic_sampling, config.rl.dynamic_sampling_max_rounds = True, 1
+    prepare = objective.make_prepare_batch(config, setup, TOK)
+    prompts = train.global_batch(
+        objective.make_train_iter(config, TOK, batch_size=config.train.batch_size).__next__(), setup.mesh)
+    n_groups = config.train.batch_size // config.rl.group_size
+    for reward, dropped in (("char_fraction", False), ("exact_match", True)):
+        prepare.rollouts.rule = rw.RuleReward(reward, config.rl.reward_options)  # same compiled sampler and scorer
+        batch, metrics = prepare(result.state.params, prompts, jax.random.key(3), result.frozen)
+        if dropped:
+            assert metrics["rl/dynamic_dropped_groups"] == 2 * n_groups and metrics["rl/dynamic_rounds"] == 2
+            assert metrics["rl/dynamic_unfilled_groups"] == n_groups
+            assert float(np.sum(batch["loss_mask"])) == 0.0
+        else:
+            assert metrics["rl/dynamic_dropped_groups"] == 0 and metrics["rl/dynamic_unfilled_groups"] == 0
+            assert float(np.sum(batch["loss_mask"])) > 0

@@ -109,7 +109,7 @@ def test_heads_read_the_last_scored_token_and_every_position():
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 16, (3, 5)), jnp.int32)
     pos, seg = jnp.tile(jnp.arange(5, dtype=jnp.int32), (3, 1)), jnp.ones((3, 5), jnp.int32)
     hidden = model.hidden_states(tokens, pos, seg)
-    want = hidden[jnp.arange(3), jnp.array([2, 4, 0])] @ model.reward_head.w[...]
+    want = hidden[:, 4] @ model.reward_head.w[...]  # without targets: the last real token (segment ≠ 0)
     np.testing.assert_allclose(model.rewards(tokens, pos, seg, mask), want, rtol=1e-5)
     value = ValueModel(CFG, rngs=nnx.Rngs(0))
     logits, values = value.logits_and_values(tokens, pos, seg)

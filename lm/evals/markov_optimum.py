@@ -2,6 +2,7 @@
 (data.source='markov_preference'; lm/data/markov_reward.py).
 
     J(π) = E_π[r] − β·KL(π‖π_ref),   π_ref = the TRUE chain,   β = config.dpo.beta
+                                                                  (or eval.markov_optimum.beta)
 
 J(π*) is exact (backward recursion). J of a trained language model is estimated from its own
 samples (`MarkovReward.monte_carlo_objective`): config.eval.markov_optimum.num_samples prompts of
@@ -37,19 +38,36 @@ import numpy as np
 from flax import nnx
 
 
-def make_sampler(graphdef, alphabet_ids: np.ndarray, horizon: int):
+def restricted_kernel(model, alphabet_ids):
+    """The model's unembedding restricted to the alphabet's S tokens, and its layout."""
+    kernel, layout = model.output_kernel()
+    return (kernel[:, alphabet_ids], layout) if layout == "dv" else (kernel[alphabet_ids], layout)
+
+
+def make_sampler(graphdef, alphabet_ids: np.ndarray, horizon: int, setup=None):
     """sample(params, prompts [B, P] int32, key) → (symbols [B, N], log π per step [B, N]) from the
     model restricted to `alphabet_ids` [S]; score(params, tokens [B, P+N]) → log π per step [B, N]
-    of given continuations (teacher forcing, same restriction)."""
+    of given continuations (teacher forcing, same restriction: lm.losses.token_logprobs of the
+    hidden states against the S columns of the unembedding, never [B, T, V] logits). With a
+    `setup` (lm.train.Setup) both run under its mesh's activation hints, rows split over the batch
+    axes when they divide them."""
+    from lm import losses
+
     alphabet_ids = jnp.asarray(alphabet_ids, jnp.int32)
 
-    def restricted_logps(model, tokens, p):
+    def hidden_at(model, tokens, p):
         b, t = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        logits = model(tokens, positions, jnp.ones((b, t), jnp.int32)).astype(jnp.float32)
-        return jax.nn.log_softmax(logits[:, p - 1:, :][:, :horizon][..., alphabet_ids], axis=-1)  # [B, N, S]
+        return model.hidden_states(tokens, positions, jnp.ones((b, t), jnp.int32))[:, p - 1:][:, :horizon]
 
-    @jax.jit
+    def restricted_logps(model, tokens, p):  # [B, N, S]
+        kernel, layout = restricted_kernel(model, alphabet_ids)
+        h = hidden_at(model, tokens, p)
+        kernel = kernel.astype(h.dtype)
+        logits = (jnp.einsum("bnd,ds->bns", h, kernel, preferred_element_type=jnp.float32) if layout == "dv"
+                  else jnp.einsum("bnd,sd->bns", h, kernel, preferred_element_type=jnp.float32))
+        return jax.nn.log_softmax(logits, axis=-1)
+
     def sample(params, prompts, key):
         model = nnx.merge(graphdef, params)
         b, p = prompts.shape
@@ -66,14 +84,34 @@ def make_sampler(graphdef, alphabet_ids: np.ndarray, horizon: int):
         _, syms, logps = jax.lax.fori_loop(0, horizon, step, init)
         return syms, logps
 
-    @jax.jit
     def score(params, prompts, syms):
         model = nnx.merge(graphdef, params)
         tokens = jnp.concatenate([prompts, alphabet_ids[syms]], axis=1)[:, :-1]
-        lp = restricted_logps(model, tokens, prompts.shape[1])
-        return jnp.take_along_axis(lp, syms[..., None], axis=-1)[..., 0]
+        kernel, layout = restricted_kernel(model, alphabet_ids)
+        return losses.token_logprobs(hidden_at(model, tokens, prompts.shape[1]), kernel, syms,
+                                     kernel_layout=layout).logprobs
 
-    return sample, score
+    if setup is None:
+        return jax.jit(sample), jax.jit(score)
+    return sharded_jit(setup, sample), sharded_jit(setup, score)
+
+
+def sharded_jit(setup, fn):
+    """jit(fn(params, rows [B, ...], extra)) under the setup's activation hints; the output rows
+    [B, ...] stay split over the batch axes (the parameters keep their own shardings)."""
+    from lm.parallel import sharding as shd
+
+    rows = shd.batch_sharding(setup.mesh)
+    jitted = jax.jit(setup.with_activation_hints(fn), out_shardings=rows)
+    plain = jax.jit(fn)
+    n = setup.mesh.shape["data"] * setup.mesh.shape["fsdp"]
+
+    def call(params, prompts, extra):
+        if prompts.shape[0] % n:  # a last, smaller batch: unsharded
+            return plain(params, prompts, extra)
+        return jitted(params, jax.device_put(prompts, rows), extra)
+
+    return call
 
 
 def _batched(fn, batch_size, *arrays):
@@ -91,13 +129,13 @@ def evaluate(ctx) -> dict:
             print(f"markov_optimum: skipped for data.source={config.data.source!r} (needs 'markov_preference')")
         return {}
     ec, pc = config.eval.markov_optimum, config.data.markov_preference
-    beta = float(config.dpo.beta)
+    beta = float(ec.beta) if "beta" in ec else float(config.dpo.beta)  # SimPO/ORPO configs name it here
     chain, bench = markov_benchmark(config.data)
     prompts = markov_prompts(chain, ec.num_samples, pc.prompt_len, seed=[int(ec.seed), 2])
     states = np.array([state_of(p, order=chain.order, num_symbols=chain.num_symbols) for p in prompts])
     alphabet_ids = ctx.tokenizer.encode_array(config.data.markov.alphabet).astype(np.int32)
     prompt_tokens = alphabet_ids[prompts]
-    sample, score = make_sampler(ctx.graphdef, alphabet_ids, pc.horizon)
+    sample, score = make_sampler(ctx.graphdef, alphabet_ids, pc.horizon, ctx.setup)
     key = jax.random.key(ec.seed)
     bs = ec.batch_size
 

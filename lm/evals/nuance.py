@@ -42,9 +42,7 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from lm.data.synthetic import BARE, SENTENCE, parse_phrasing
 from lm.sampling.rollout import COMPILER_OPTIONS, left_padded
@@ -121,15 +119,14 @@ def _sample_and_score(graphdef, ref_graphdef, params, ref_params, prompt: dict, 
     """Rollout (knobs: temperature 1, no filter; traced, so XLA folds no constant), then Σ log π
     and Σ log π_ref over each reply, teacher-forced."""
     from lm import losses
+    from lm.objectives._logprobs import score
     from lm.sampling.rollout import rollout, sequences
 
     out = rollout(graphdef, params, prompt, key, knobs, stop_ids, max_new_tokens=max_new_tokens)
     seq = sequences(prompt, out["tokens"])
 
-    def logp(gd, p):
-        logits = nnx.merge(gd, p)(seq["inputs"], seq["positions"], seq["segment_ids"])
-        per_token = losses.cross_entropy(logits, seq["targets"], seq["loss_mask"]).target_logprobs
-        return jnp.sum(seq["loss_mask"] * per_token, axis=1)
+    def logp(gd, p):  # chunked teacher-forced log-probs (no [B, T, V] logits)
+        return losses.sequence_logprobs(score(gd, p, seq).logprobs, seq["loss_mask"])
 
     return {"tokens": out["tokens"], "logp": logp(graphdef, params), "logp_ref": logp(ref_graphdef, ref_params)}
 

@@ -26,10 +26,30 @@ import numpy as np
 from flax import nnx
 
 
-def _reward_fn(graphdef):
+def _reward_fn(graphdef, setup=None):
+    """(r_c, r_r, weights) [B] each of a pair batch; with a setup (lm.train.Setup), under its mesh's
+    activation hints with the parameters' shardings in and replicated outputs."""
     from lm.objectives.reward import pair_rewards, pair_weights
 
-    return jax.jit(lambda params, batch: pair_rewards(nnx.merge(graphdef, params), batch) + (pair_weights(batch),))
+    def rewards(params, batch):
+        return pair_rewards(nnx.merge(graphdef, params), batch) + (pair_weights(batch),)
+
+    if setup is None:
+        return jax.jit(rewards)
+    from lm.parallel import sharding as shd
+
+    jitted = jax.jit(setup.with_activation_hints(rewards), in_shardings=(setup.state_shardings.params, None),
+                     out_shardings=shd.replicated(setup.mesh))
+    rows = shd.batch_sharding(setup.mesh)
+    n = setup.mesh.shape["data"] * setup.mesh.shape["fsdp"]
+
+    def call(params, batch):
+        size = jax.tree.leaves(batch)[0].shape[0]
+        placed = jax.tree.map(lambda x: jax.device_put(x, rows if size % n == 0 else shd.replicated(setup.mesh)),
+                              batch)
+        return jitted(params, placed)
+
+    return call
 
 
 def markov_pair_batch(source, prompts, chosen, rejected) -> dict:
@@ -54,7 +74,7 @@ def evaluate(ctx) -> dict:
     from lm import data
 
     config = ctx.config
-    rewards = _reward_fn(ctx.graphdef)
+    rewards = _reward_fn(ctx.graphdef, ctx.setup)
     batch_size = config.eval.pairwise_accuracy.batch_size
     if config.data.source != "markov_preference":
         correct = total = 0.0

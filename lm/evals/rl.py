@@ -63,6 +63,7 @@ def markov_gain(ctx) -> dict:
 
     from lm.data.markov_reward import MarkovReward, fraction_of_optimal_gain
     from lm.data.prompts import MarkovPrompts, PromptIterator
+    from lm.parallel import sharding as shd
     from lm.sampling.rollout import COMPILER_OPTIONS, left_padded, rollout
 
     config, rc = ctx.config, ctx.config.rl
@@ -83,11 +84,18 @@ def markov_gain(ctx) -> dict:
     j_ref = task.objective(task.reference_policy(), beta, chain.stationary).objective
     j_opt = task.optimal_objective(beta, chain.stationary)
     out = {"markov_j_reference_chain": j_ref, "markov_j_optimal": j_opt}
-    models = {"rl": (ctx.graphdef, ctx.params)}
+    setup = ctx.setup
+    models = {"rl": (ctx.graphdef, ctx.params, setup.state_shardings.params)}
     if "reference" in ctx.frozen:
-        models["sft"] = (ctx.setup.frozen_graphdefs["reference"], ctx.frozen["reference"])
-    for name, (graphdef, params) in models.items():
+        models["sft"] = (setup.frozen_graphdefs["reference"], ctx.frozen["reference"],
+                         setup.frozen_shardings["reference"])
+    # in/out shardings from the run's mesh: rows over the batch axes when they divide, else replicated
+    rep = shd.replicated(setup.mesh)
+    batch_devices = setup.mesh.shape["data"] * setup.mesh.shape["fsdp"]
+    rows = jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec(shd.BATCH_AXES)) if n % batch_devices == 0 else rep
+    for name, (graphdef, params, params_sharding) in models.items():
         run = jax.jit(functools.partial(rollout, graphdef, max_new_tokens=rc.max_new_tokens),
+                      in_shardings=(params_sharding, rows, rep, rep, rep), out_shardings=rows,
                       compiler_options=COMPILER_OPTIONS)
         sampled = jax.device_get(run(params, prompt, jax.random.key(config.seed + 99), knobs, stop))
         tokens, logprobs = np.asarray(sampled["tokens"]), np.asarray(sampled["policy_logprobs"])

@@ -16,7 +16,7 @@ from lm.losses.sums import F32, mean_of
 _SCALES = ("group", "batch", "none")
 
 
-def group_advantages(rewards, group_size, *, scale="group", eps=1e-6):
+def group_advantages(rewards, group_size, *, scale="group", eps=1e-6, ddof=0):
     """Group-relative advantages (GRPO): each reward minus the mean of its group, scaled.
 
     Args:
@@ -28,8 +28,8 @@ def group_advantages(rewards, group_size, *, scale="group", eps=1e-6):
         ``"batch"``  the std of all B rewards: ``A_i = (r_i - mean_g) / (std_B + eps)``;
         ``"none"``   nothing (Dr. GRPO): ``A_i = r_i - mean_g``.
       eps: added to the std; a group whose rewards are all equal gets advantages 0.
-
-    Every std is the population std (ddof = 0): ``std = sqrt(mean((r - mean r)²))``.
+      ddof: 0 (default): the population std ``sqrt(mean((r - mean r)²))``; 1: the sample std
+        (``sqrt(Σ(r - mean r)² / (n - 1))``, torch's default: TRL's GRPOTrainer, with eps=1e-4).
     Returns ``[B]`` float32 advantages, with no gradient (``stop_gradient``).
     """
     rewards = jax.lax.stop_gradient(jnp.asarray(rewards).astype(F32))
@@ -42,12 +42,15 @@ def group_advantages(rewards, group_size, *, scale="group", eps=1e-6):
                          f"group_size={group_size}")
     if scale not in _SCALES:
         raise ValueError(f"scale must be one of {_SCALES}, got {scale!r}")
+    if ddof not in (0, 1):
+        raise ValueError(f"ddof must be 0 or 1, got {ddof!r}")
     grouped = rewards.reshape(-1, group_size)                       # [n_groups, G]
     centred = grouped - jnp.mean(grouped, axis=1, keepdims=True)
     if scale == "group":
-        centred = centred / (jnp.sqrt(jnp.mean(centred**2, axis=1, keepdims=True)) + eps)
+        dof = max(group_size - ddof, 1)
+        centred = centred / (jnp.sqrt(jnp.sum(centred**2, axis=1, keepdims=True) / dof) + eps)
     elif scale == "batch":
-        centred = centred / (jnp.std(rewards) + eps)
+        centred = centred / (jnp.std(rewards, ddof=ddof if rewards.shape[0] > 1 else 0) + eps)
     return jax.lax.stop_gradient(centred.reshape(-1))
 
 
@@ -131,3 +134,28 @@ def whiten(x, mask, shift_mean=True, *, eps=1e-8):
     if not shift_mean:
         out = out + mean
     return jnp.where(scored, out, 0.0)
+
+
+def equal_reward_groups(rewards, group_size):
+    """``[B]`` rewards (group-major, as :func:`group_advantages`) → ``[B / G]`` bool: the groups
+    whose G rewards are all equal. Their group advantages are 0, so they carry no policy
+    gradient: DAPO's dynamic sampling drops them (and samples more) rather than train on them."""
+    grouped = jnp.asarray(rewards).reshape(-1, group_size)
+    return jnp.all(grouped == grouped[:, :1], axis=1)
+
+
+def overlong_penalty(lengths, max_len, cache_len):
+    """DAPO's soft overlong punishment, added to the reward of each completion ``[B]`` float32::
+
+        0                              |y| ≤ L_max − L_cache
+        (L_max − L_cache − |y|)/L_cache  L_max − L_cache < |y| ≤ L_max   (linear, 0 → −1)
+        −1                             |y| > L_max
+
+    ``lengths``: ``[B]`` completion lengths |y| in tokens; ``max_len`` L_max; ``cache_len``
+    L_cache (> 0, ≤ L_max). Also TRL's ``get_soft_overlong_punishment`` reward function."""
+    if not 0 < cache_len <= max_len:
+        raise ValueError(f"overlong_penalty needs 0 < cache_len <= max_len, got cache_len={cache_len}, "
+                         f"max_len={max_len}")
+    n = jnp.asarray(lengths).astype(F32)
+    soft = (max_len - cache_len - n) / cache_len
+    return jnp.where(n <= max_len - cache_len, 0.0, jnp.where(n <= max_len, soft, -1.0)).astype(F32)

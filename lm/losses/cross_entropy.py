@@ -19,7 +19,6 @@ All math is in float32 whatever the input dtype.
 """
 from __future__ import annotations
 
-from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -27,9 +26,7 @@ import jax.numpy as jnp
 
 from lm.losses.sums import F32, mean_of
 from lm.losses.sums import prepare_mask as _prepare_mask
-
-_CHUNK_BYTES = 64 * 2**20  # auto chunk: about this many bytes of f32 logits per chunk
-_DK_BLOCK_ELEMS = 8 * 2**20  # kernel-gradient update block: [D, 8Mi/D] f32 = 32 MiB
+from lm.losses.token_logprobs import _check_shapes, _run, check_targets
 
 
 class LossOutput(NamedTuple):
@@ -84,7 +81,7 @@ def _masked_sums(mask, loss, nll, zl, correct):
     return jnp.sum(per_token), weigh(nll), weigh(zl), weigh(correct), per_token
 
 
-def cross_entropy(logits, targets, mask=None, *, z_loss=0.0, label_smoothing=0.0) -> LossOutput:
+def cross_entropy(logits, targets, mask=None, *, z_loss=0.0, label_smoothing=0.0, checked=False) -> LossOutput:
     """Next-token cross-entropy against integer targets.
 
     Args:
@@ -94,6 +91,9 @@ def cross_entropy(logits, targets, mask=None, *, z_loss=0.0, label_smoothing=0.0
         any value: they change neither the loss nor the gradient.
       z_loss: coefficient z of the auxiliary ``z·lse(x)²`` term.
       label_smoothing: α, the target becomes ``(1-α)·onehot(y) + α·uniform``.
+      checked: add a ``jax.experimental.checkify`` check that every unmasked target is in
+        [0, V) (raise with :func:`lm.losses.checked`). Unchecked, an out-of-range target at an
+        unmasked position gives a NaN loss (and NaN ``target_logprobs``), never a wrong number.
 
     Per token: ``loss_t = (1-α)(lse_t - x_{t,y}) + α(lse_t - mean_v x_{t,v}) + z·lse_t²``.
     Returns a :class:`LossOutput` of sums; ``.mean`` divides once.
@@ -103,6 +103,8 @@ def cross_entropy(logits, targets, mask=None, *, z_loss=0.0, label_smoothing=0.0
     if logits.shape[:-1] != targets.shape:
         raise ValueError(f"logits {logits.shape} must be targets {targets.shape} + [V]")
     mask = _prepare_mask(mask, targets.shape)
+    if checked:
+        check_targets(targets, logits.shape[-1], mask, where="lm.losses.cross_entropy")
     loss, nll, zl, logprob, correct, _ = _token_stats(logits, targets, z_loss, label_smoothing)
     total, nll_sum, z_sum, correct_sum, per_token = _masked_sums(mask, loss, nll, zl, correct)
     return LossOutput(total, jnp.sum(mask), nll_sum, z_sum, jax.lax.stop_gradient(correct_sum),
@@ -110,166 +112,14 @@ def cross_entropy(logits, targets, mask=None, *, z_loss=0.0, label_smoothing=0.0
 
 
 # ----------------------------------------------------------------------------
-# Fused output projection + cross-entropy: logits computed chunk by chunk.
+# Fused output projection + cross-entropy: a reduction of lm.losses.token_logprobs's chunked
+# statistics (log q_y, lse, mean logit, argmax), so the [..., V] logits are never built.
 # ----------------------------------------------------------------------------
-#
-# For one token with logits x = W^T h, target y, softmax q, lse ℓ:
-#   d nll/dx = q - e_y        d(lse - mean x)/dx = q - 1/V
-#   d(z ℓ²)/dx = 2 z ℓ q      d log q_y/dx = e_y - q
-# so any cotangent on the outputs gives dx = a·q + b·e_y + c/V with per-token
-# scalars (a, b, c); then dh = W dx and dW = Σ_t h_t dx_t^T.
-#
-# The forward pass of value_and_grad computes, chunk by chunk, the gradient of
-# `sum` for a unit cotangent (3 matmuls per chunk, like the materialized
-# version).  The backward pass scales it by the incoming cotangent; cotangents on
-# the other outputs (per_token_loss, target_logprobs, nll_sum, z_loss_sum),
-# known to be nonzero only at trace time (symbolic zeros), are handled by a second
-# pass that recomputes each chunk's logits.  No [N, V] array is ever built.
-
-def _logits(h, kernel, layout):
-    dims = ((1,), (0,)) if layout == "dv" else ((1,), (1,))
-    return jax.lax.dot_general(h, kernel, (dims, ((), ())), preferred_element_type=F32)
-
-
-def _dx(x, lse, targets, a, b, c):
-    """``a·softmax(x) + b·onehot(y) + c/V`` for a chunk: x ``[C, V]``, the rest ``[C]``."""
-    vocab = x.shape[-1]
-    onehot = jax.lax.broadcasted_iota(jnp.int32, x.shape, 1) == targets[:, None]
-    return (a[:, None] * jnp.exp(x - lse[:, None]) + jnp.where(onehot, b[:, None], 0.0)
-            + (c / vocab)[:, None])
-
-
-def _dh_of_chunk(dx, kernel, layout):
-    """dh ``[C, D]`` = dx Wᵀ for dx ``[C, V]``."""
-    dims = ((1,), (1,)) if layout == "dv" else ((1,), (0,))
-    return jax.lax.dot_general(dx, kernel, (dims, ((), ())), preferred_element_type=F32)
-
-
-def _add_dk_of_chunk(dk, dx, h, layout):
-    """``dk += h_cᵀ dx`` (layout 'dv', dk ``[D, V]``) or ``dxᵀ h_c`` ('vd', ``[V, D]``).
-
-    Done one vocabulary block at a time in a loop (a loop, so that XLA cannot
-    schedule all the block products at once), updating dk in place: no second
-    kernel-sized temporary (the product) exists beside the accumulator.
-    """
-    vocab, dim = dx.shape[1], h.shape[1]
-    block = min(vocab, max(128, _DK_BLOCK_ELEMS // dim))
-
-    def update(dk, start, size):
-        dx_b = jax.lax.dynamic_slice_in_dim(dx, start, size, axis=1)
-        if layout == "dv":
-            prod = jax.lax.dot_general(h, dx_b, (((0,), (0,)), ((), ())), preferred_element_type=F32)
-            at = (0, start)
-        else:
-            prod = jax.lax.dot_general(dx_b, h, (((0,), (0,)), ((), ())), preferred_element_type=F32)
-            at = (start, 0)
-        return jax.lax.dynamic_update_slice(dk, jax.lax.dynamic_slice(dk, at, prod.shape) + prod, at)
-
-    n_full = vocab // block
-    if n_full == 1:
-        dk = update(dk, 0, block)
-    else:
-        dk = jax.lax.fori_loop(0, n_full, lambda i, dk: update(dk, i * block, block), dk)
-    if vocab % block:
-        dk = update(dk, n_full * block, vocab % block)
-    return dk
-
-
-def _chunked(xs, chunk):
-    return jax.tree.map(lambda v: v.reshape((v.shape[0] // chunk, chunk) + v.shape[1:]), xs)
-
-
-def _forward(chunk, layout, hidden, kernel, targets, mask, z_loss, smoothing, want_h, want_k):
-    """Loss statistics; with want_h/want_k also the gradient of `sum` (unit cotangent)."""
-    k_shape = kernel.shape
-
-    def step(carry, xs):
-        h, t, m = xs
-        x = _logits(h, kernel, layout)
-        loss, nll, zl, logprob, correct, lse = _token_stats(x, t, z_loss, smoothing)
-        total, nll_sum, z_sum, correct_sum, per_token = _masked_sums(m, loss, nll, zl, correct)
-        acc, dk_acc = carry
-        acc = acc + jnp.stack([total, nll_sum, z_sum, correct_sum])
-        dh = None
-        if want_h or want_k:
-            w = jnp.where(m != 0, m, 0.0)  # weight of each token in `sum`
-            dx = _dx(x, lse, t, w * (1.0 + 2.0 * z_loss * lse), -(1.0 - smoothing) * w, -smoothing * w)
-            dh = _dh_of_chunk(dx, kernel, layout) if want_h else None
-            if want_k:
-                dk_acc = _add_dk_of_chunk(dk_acc, dx, h, layout)
-        return (acc, dk_acc), (per_token, logprob, lse, dh)
-
-    dk0 = jnp.zeros(k_shape, F32) if want_k else None
-    (acc, dk), (per_token, logprob, lse, dh) = jax.lax.scan(
-        step, (jnp.zeros(4, F32), dk0), _chunked((hidden, targets, mask), chunk))
-    flat = lambda v: None if v is None else v.reshape((-1,) + v.shape[2:])
-    stats = (acc[0], acc[1], acc[2], acc[3], flat(per_token), flat(logprob))
-    return stats, flat(lse), flat(dh), dk
-
-
-def _backward_recompute(chunk, layout, hidden, kernel, targets, lse, coefs, want_h, want_k):
-    """dh, dW for per-token coefficients (a, b, c) ``[N]`` each, recomputing logits."""
-
-    def step(dk_acc, xs):
-        h, t, l, a, b, c = xs
-        dx = _dx(_logits(h, kernel, layout), l, t, a, b, c)
-        dh = _dh_of_chunk(dx, kernel, layout) if want_h else None
-        return (_add_dk_of_chunk(dk_acc, dx, h, layout) if want_k else None), dh
-
-    dk0 = jnp.zeros(kernel.shape, F32) if want_k else None
-    dk, dh = jax.lax.scan(step, dk0, _chunked((hidden, targets, lse) + coefs, chunk))
-    return (None if dh is None else dh.reshape(hidden.shape)), dk
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _fused_core(chunk, layout, hidden, kernel, targets, mask, z_loss, smoothing):
-    stats, _, _, _ = _forward(chunk, layout, hidden, kernel, targets, mask, z_loss, smoothing,
-                              False, False)
-    return stats
-
-
-def _fused_fwd(chunk, layout, hidden, kernel, targets, mask, z_loss, smoothing):
-    want_h, want_k = hidden.perturbed, kernel.perturbed
-    args = [v.value for v in (hidden, kernel, targets, mask, z_loss, smoothing)]
-    stats, lse, dh, dk = _forward(chunk, layout, *args, want_h, want_k)
-    return stats, (*args, lse, dh, dk, want_h, want_k)
-
-
-def _fused_bwd(chunk, layout, res, cts):
-    hidden, kernel, targets, mask, z_loss, smoothing, lse, dh_sum, dk_sum, want_h, want_k = res
-    g_sum, g_nll, g_z, _, g_tok, g_logprob = cts
-    zero = lambda g: isinstance(g, jax.custom_derivatives.SymbolicZero)
-    dh = jnp.zeros(hidden.shape, F32) if want_h else None
-    dk = jnp.zeros(kernel.shape, F32) if want_k else None
-    if not zero(g_sum):
-        dh = dh + g_sum * dh_sum if want_h else None
-        dk = dk + g_sum * dk_sum if want_k else None
-    if not all(zero(g) for g in (g_nll, g_z, g_tok, g_logprob)):
-        keep = mask != 0
-        vocab = kernel.shape[1] if layout == "dv" else kernel.shape[0]
-        valid = (targets >= 0) & (targets < vocab)
-        as_vec = lambda g: jnp.zeros_like(lse) + (0.0 if zero(g) else g)
-        c_loss = jnp.where(keep, mask * as_vec(g_tok), 0.0)
-        c_nll = jnp.where(keep, mask * as_vec(g_nll), 0.0)
-        c_z = jnp.where(keep, mask * as_vec(g_z), 0.0)
-        c_lp = jnp.where(valid, as_vec(g_logprob), 0.0)
-        two_z_lse = 2.0 * z_loss * lse
-        a = c_loss * (1.0 + two_z_lse) + c_nll + c_z * two_z_lse - c_lp
-        b = -(1.0 - smoothing) * c_loss - c_nll + c_lp
-        c = -smoothing * c_loss
-        dh2, dk2 = _backward_recompute(chunk, layout, hidden, kernel, targets, lse, (a, b, c),
-                                       want_h, want_k)
-        dh = dh + dh2 if want_h else None
-        dk = dk + dk2 if want_k else None
-    cast = lambda g, like: None if g is None else g.astype(like.dtype)
-    return (cast(dh, hidden), cast(dk, kernel), None, None, None, None)
-
-
-_fused_core.defvjp(_fused_fwd, _fused_bwd, symbolic_zeros=True)
 
 
 def fused_cross_entropy(hidden, kernel, targets, mask=None, *, chunk_size=None, z_loss=0.0,
-                        label_smoothing=0.0, kernel_layout="dv") -> LossOutput:
+                        label_smoothing=0.0, kernel_layout="dv", vocab_chunk_size=None, mesh=None,
+                        batch_axes=None, vocab_axis=None, checked=False) -> LossOutput:
     """:func:`cross_entropy` of ``logits = hidden @ kernel`` without building the logits.
 
     Args:
@@ -279,41 +129,50 @@ def fused_cross_entropy(hidden, kernel, targets, mask=None, *, chunk_size=None, 
       targets, mask, z_loss, label_smoothing: as in :func:`cross_entropy`, ``[...]``.
       chunk_size: tokens per chunk (static). Default: about 64 MiB of f32 logits,
         ``[chunk, V]``, at a time. Any N works; the last chunk is padded and masked.
+      vocab_chunk_size, mesh, batch_axes, vocab_axis: blocks of the vocabulary, and sharding
+        over a mesh (rows over ``batch_axes``, the vocabulary over ``vocab_axis``), as in
+        :func:`lm.losses.token_logprobs`.
+      checked: add a ``checkify`` check that every unmasked target is in [0, V).
 
-    Only ``[chunk, V]`` logits exist at any time, forward or backward.  Gradients
-    flow to ``hidden`` and ``kernel`` (in their dtypes; the mask and coefficients
-    get none) and from every output, ``target_logprobs`` included.  Reverse mode
-    only (custom VJP). Under differentiation the gradient of ``sum`` is computed
-    in the forward pass (3 matmuls per chunk, as with materialized logits) and
-    kept until the backward pass (one f32 buffer of the kernel's shape, which
-    becomes the kernel's gradient); cotangents on the other outputs add a pass
-    that recomputes each chunk's logits.
+    Only ``[chunk, vocab_chunk]`` logits exist at any time, forward or backward.  Gradients
+    flow to ``hidden`` and ``kernel`` (in their dtypes; the mask and coefficients get none)
+    and from every output, ``target_logprobs`` included.  Reverse mode only (custom VJP).
+    Under differentiation the gradient of ``sum`` is computed in the forward pass (3 matmuls
+    per chunk when the vocabulary is one block, as with materialized logits) and kept until
+    the backward pass (one f32 buffer of the kernel's shape, which becomes the kernel's
+    gradient); cotangents on the other outputs add a pass that recomputes each chunk's logits.
+    The products run in the narrower dtype of hidden and kernel with float32 accumulation.
     """
-    if kernel_layout not in ("dv", "vd"):
-        raise ValueError(f"kernel_layout must be 'dv' ([D, V]) or 'vd' ([V, D]), got {kernel_layout!r}")
     hidden, kernel, targets = jnp.asarray(hidden), jnp.asarray(kernel), jnp.asarray(targets)
-    dim = hidden.shape[-1]
-    k_dim, vocab = (-1, 0) if kernel.ndim != 2 else (
-        kernel.shape if kernel_layout == "dv" else kernel.shape[::-1])
-    if k_dim != dim:
-        raise ValueError(f"kernel {kernel.shape} ({kernel_layout}) does not match hidden {hidden.shape}")
-    if hidden.shape[:-1] != targets.shape:
-        raise ValueError(f"hidden {hidden.shape} must be targets {targets.shape} + [D]")
-    token_shape = targets.shape
-    mask = _prepare_mask(mask, token_shape).reshape(-1)
-    hidden, targets = hidden.reshape(-1, dim), targets.reshape(-1).astype(jnp.int32)
-    n = hidden.shape[0]
-    if chunk_size is None:
-        chunk_size = max(8, min(4096, _CHUNK_BYTES // (4 * vocab)) // 8 * 8)
-    chunk = int(max(1, min(chunk_size, n)))
-    pad = -n % chunk
-    if pad:
-        hidden = jnp.pad(hidden, ((0, pad), (0, 0)))
-        targets, mask = jnp.pad(targets, (0, pad)), jnp.pad(mask, (0, pad))
-    total, nll_sum, z_sum, correct_sum, per_token, logprob = _fused_core(
-        chunk, kernel_layout, hidden, kernel, targets, mask,
-        jnp.asarray(z_loss, F32), jnp.asarray(label_smoothing, F32))
-    unpad = lambda v: v[:n].reshape(token_shape)
+    vocab = _check_shapes(hidden, kernel, targets, kernel_layout)
+    mask = _prepare_mask(mask, targets.shape)
+    if checked:
+        check_targets(targets, vocab, mask, where="lm.losses.fused_cross_entropy")
+    per_token, total = _run(hidden, kernel, targets, mask, layout=kernel_layout, temperature=1.0,
+                            z_loss=z_loss, smoothing=label_smoothing, chunk_size=chunk_size,
+                            vocab_chunk_size=vocab_chunk_size, mesh=mesh, batch_axes=batch_axes,
+                            vocab_axis=vocab_axis, entropy=False, objective=True)
+    logprob, lse, _, mean_logit, correct = per_token
+    nll, zl = -logprob, z_loss * lse**2
+    loss = (1.0 - label_smoothing) * nll + label_smoothing * (lse - mean_logit) + zl
+    _, nll_sum, z_sum, correct_sum, per_token_loss = _masked_sums(mask, loss, nll, zl, correct)
     return LossOutput(total, jnp.sum(mask), nll_sum, z_sum, jax.lax.stop_gradient(correct_sum),
-                      unpad(per_token), unpad(logprob))
+                      per_token_loss, logprob)
 
+
+def checked(fn):
+    """``fn`` (a loss call, jitted or not) run under ``jax.experimental.checkify``: a failed check
+    (e.g. ``cross_entropy(..., checked=True)`` with a target outside [0, V)) raises
+    ``checkify.JaxRuntimeError`` naming the target and where, instead of returning NaN.
+
+        out = lm.losses.checked(lambda: fused_cross_entropy(h, w, t, m, checked=True))()
+        jitted = jax.jit(checkify.checkify(loss_fn)); err, out = jitted(...); err.throw()
+    """
+    from jax.experimental import checkify
+
+    def run(*args, **kwargs):
+        err, out = checkify.checkify(fn)(*args, **kwargs)
+        err.throw()
+        return out
+
+    return run

@@ -1,4 +1,5 @@
-"""Pairwise preference losses: a Bradley–Terry reward-model loss and the DPO family.
+"""Pairwise preference losses: a Bradley–Terry reward-model loss, the DPO family, and SimPO and ORPO
+(which need no reference model).
 
 A preference pair is a prompt with a *chosen* response y_c and a *rejected* one y_r. The
 Bradley–Terry model says ``P(y_c ≻ y_r) = σ(r(y_c) − r(y_r))``; its negative log-likelihood
@@ -162,7 +163,8 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
         model without gradient).
       beta: β > 0, the KL-regularization strength.
       chosen_counts, rejected_counts: ``[B]`` response token counts (ipo only). A kept pair
-        with a count of 0 gives NaN (loudly).
+        with a count of 0 divides its log-ratio by 0: its loss is +inf (NaN only where that
+        log-ratio is exactly 0 too), loudly, never a silent 0; give such a pair weight 0.
       weights: ``[B]`` pair weights (default 1); no gradient.
     Returns a :class:`DPOOutput`: the loss sum and count, and the implicit-reward sums (no
     gradient; β·ρ with the unnormalized ρ for every loss type) that :func:`dpo_metrics` turns
@@ -219,4 +221,108 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
         rejected_rewards_sum=_weighted(weights, keep, reward_r),
         accuracy_sum=_weighted(weights, keep, (reward_c > reward_r).astype(F32)),
         margin_sum=_weighted(weights, keep, reward_c - reward_r),
+        per_pair_loss=per_pair)
+
+
+class ORPOOutput(NamedTuple):
+    """Summed statistics of :func:`orpo_loss` (all float32)."""
+    sum: jax.Array               # []: Σ w·(NLL + λ·(−log σ(log-odds ratio)))
+    count: jax.Array             # []: Σ w
+    nll_sum: jax.Array           # []: Σ w·NLL_c, the chosen answer's mean token NLL (no gradient)
+    odds_loss_sum: jax.Array     # []: Σ w·(−log σ(log-odds ratio)) (no gradient)
+    log_odds_sum: jax.Array      # []: Σ w·(log odds(y_c) − log odds(y_r)) (no gradient)
+    accuracy_sum: jax.Array      # []: Σ w·[log-odds ratio > 0] (no gradient)
+    per_pair_loss: jax.Array     # [B]: w·loss, exactly 0 where w = 0
+
+    @property
+    def mean(self):
+        return mean_of(self.sum, self.count)
+
+
+def _mean_logps(name, logps, counts, keep, shape):
+    """Length-normalized log-probs Σ_t log π / n of kept pairs (1 where masked)."""
+    if counts is None:
+        raise ValueError(f"{name} needs the response token counts ([B]): the loss is length-normalized")
+    n = jnp.broadcast_to(jnp.asarray(counts, F32), shape)
+    return jnp.where(keep, logps / jnp.where(keep, n, 1.0), 0.0)
+
+
+def simpo_loss(policy_chosen_logps, policy_rejected_logps, chosen_counts, rejected_counts, *, beta, gamma=0.5,
+               label_smoothing=0.0, weights=None) -> DPOOutput:
+    """SimPO (Meng et al. 2024): preference optimization without a reference model.
+
+    The implicit reward is the length-normalized log-probability, ``r(y) = (β/|y|)·log π(y)``, and
+    the Bradley–Terry likelihood asks the chosen answer to win by a target margin γ::
+
+        loss = −(1−ε)·log σ(r_c − r_r − γ) − ε·log σ(−(r_c − r_r − γ))      (ε = label_smoothing)
+
+    (TRL's CPOTrainer with ``loss_type='simpo'``, ``cpo_alpha=0``: its ``simpo_gamma`` is this γ.)
+    Args: summed log-probs ``[B]`` of each answer, their scored-token counts ``[B]`` (a kept pair
+    with a count of 0 divides by 0: inf/NaN, loudly), β > 0, γ ≥ 0, pair weights ``[B]``.
+    Returns a :class:`DPOOutput` whose reward sums are of ``r = β·mean log π``.
+    """
+    beta_value = _concrete(beta)
+    if beta_value is not None and not beta_value > 0:
+        raise ValueError(f"beta must be > 0, got {beta_value}")
+    eps_value = _concrete(label_smoothing)
+    if eps_value is not None and not 0.0 <= eps_value < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {eps_value}")
+    pol_c = _pair_array("policy_chosen_logps", policy_chosen_logps)
+    shape = pol_c.shape
+    pol_r = _pair_array("policy_rejected_logps", policy_rejected_logps, shape)
+    weights = prepare_mask(weights, shape)
+    keep = weights != 0
+    beta = jnp.asarray(beta, F32)
+    reward_c = beta * _mean_logps("simpo_loss", pol_c, chosen_counts, keep, shape)
+    reward_r = beta * _mean_logps("simpo_loss", pol_r, rejected_counts, keep, shape)
+    z = reward_c - reward_r - jnp.asarray(gamma, F32)
+    eps = jnp.asarray(label_smoothing, F32)
+    loss = -(1.0 - eps) * jax.nn.log_sigmoid(z) - eps * jax.nn.log_sigmoid(-z)
+    per_pair = jnp.where(keep, loss, 0.0) * weights
+    stop = jax.lax.stop_gradient
+    reward_c, reward_r = stop(reward_c), stop(reward_r)
+    return DPOOutput(
+        sum=jnp.sum(per_pair), count=jnp.sum(weights),
+        chosen_rewards_sum=_weighted(weights, keep, reward_c),
+        rejected_rewards_sum=_weighted(weights, keep, reward_r),
+        accuracy_sum=_weighted(weights, keep, (reward_c > reward_r).astype(F32)),
+        margin_sum=_weighted(weights, keep, reward_c - reward_r),
+        per_pair_loss=per_pair)
+
+
+def orpo_loss(policy_chosen_logps, policy_rejected_logps, chosen_counts, rejected_counts, *, lam=0.1,
+              weights=None) -> ORPOOutput:
+    """ORPO (Hong et al. 2024): supervised fine-tuning plus an odds-ratio preference term, no reference.
+
+    With the length-normalized probability ``P(y) = exp(log π(y)/|y|)`` and ``odds(y) =
+    P(y)/(1 − P(y))``, per pair::
+
+        loss = NLL_c + λ·(−log σ(log odds(y_c) − log odds(y_r))),    NLL_c = −log π(y_c)/|y_c|
+
+    (``log odds = ℓ − log(1 − e^ℓ)`` with ℓ the mean log-prob, computed as ``ℓ − log(−expm1(ℓ))``,
+    ℓ capped at −1e-6 so that a certain answer has finite odds). TRL's ORPOTrainer has the same
+    odds term with ``beta`` = λ; its NLL is the token mean over the batch's chosen answers, here
+    each pair's own mean (so the (sum, count) over pairs splits exactly).
+    """
+    lam_value = _concrete(lam)
+    if lam_value is not None and not lam_value >= 0:
+        raise ValueError(f"lam must be >= 0, got {lam_value}")
+    pol_c = _pair_array("policy_chosen_logps", policy_chosen_logps)
+    shape = pol_c.shape
+    pol_r = _pair_array("policy_rejected_logps", policy_rejected_logps, shape)
+    weights = prepare_mask(weights, shape)
+    keep = weights != 0
+    mean_c = jnp.minimum(_mean_logps("orpo_loss", pol_c, chosen_counts, keep, shape), -1e-6)
+    mean_r = jnp.minimum(_mean_logps("orpo_loss", pol_r, rejected_counts, keep, shape), -1e-6)
+    log_odds = (mean_c - jnp.log(-jnp.expm1(mean_c))) - (mean_r - jnp.log(-jnp.expm1(mean_r)))
+    odds_loss = -jax.nn.log_sigmoid(log_odds)
+    nll = -mean_c
+    loss = nll + jnp.asarray(lam, F32) * odds_loss
+    per_pair = jnp.where(keep, loss, 0.0) * weights
+    stop = jax.lax.stop_gradient
+    return ORPOOutput(
+        sum=jnp.sum(per_pair), count=jnp.sum(weights),
+        nll_sum=stop(_weighted(weights, keep, nll)), odds_loss_sum=stop(_weighted(weights, keep, odds_loss)),
+        log_odds_sum=stop(_weighted(weights, keep, log_odds)),
+        accuracy_sum=stop(_weighted(weights, keep, (log_odds > 0).astype(F32))),
         per_pair_loss=per_pair)

@@ -14,11 +14,11 @@
 from lm.model.attention import Attention, attend, cache_sizes
 from lm.model.config import ModelConfig
 from lm.model.counting import flops_per_token, matmul_params, param_count
-from lm.model.heads import RewardModel, ScalarHead, ValueModel, last_scored_index
+from lm.model.heads import RewardModel, ScalarHead, ValueModel, last_real_index, last_scored_index, with_final_token
 from lm.model.hints import activation_sharding, constrain
 from lm.model.layers import MLP, RMSNorm, matmuls, rope_frequencies, rotary, swiglu
 from lm.model.transformer import Block, Transformer
 
 __all__ = ["Attention", "Block", "MLP", "ModelConfig", "RMSNorm", "RewardModel", "ScalarHead", "Transformer",
            "ValueModel", "activation_sharding", "attend", "cache_sizes", "constrain", "flops_per_token",
-           "last_scored_index", "matmul_params", "matmuls", "param_count", "rope_frequencies", "rotary", "swiglu"]
+           "last_real_index", "last_scored_index", "with_final_token", "matmul_params", "matmuls", "param_count", "rope_frequencies", "rotary", "swiglu"]

@@ -36,20 +36,51 @@ def last_scored_index(loss_mask: Array) -> Array:
     return jnp.where(scored.any(axis=-1), t - 1 - jnp.argmax(scored[..., ::-1], axis=-1), 0).astype(jnp.int32)
 
 
+def last_real_index(segment_ids: Array) -> Array:
+    """segment_ids [B, T] → [B] int32: the last position holding a real token (segment ≠ 0; 0 for a
+    row with none)."""
+    t = segment_ids.shape[-1]
+    real = segment_ids != 0
+    return jnp.where(real.any(axis=-1), t - 1 - jnp.argmax(real[..., ::-1], axis=-1), 0).astype(jnp.int32)
+
+
+def with_final_token(inputs: Array, positions: Array, segment_ids: Array, loss_mask: Array,
+                     targets: Array) -> tuple[Array, Array, Array]:
+    """A row of the token contract holds its last token only as a target (inputs stop one short).
+    → (inputs, positions, segment_ids) [B, T+1] with that token, targets[b, last], written as an
+    input at last+1 (last: the row's last scored target), position and segment continued. Where
+    inputs already hold it (a rollout's prompt + completion) the write changes nothing."""
+    batch = inputs.shape[0]
+    rows = jnp.arange(batch)
+    last = last_scored_index(loss_mask)
+    pad = lambda x: jnp.concatenate([x, jnp.zeros((batch, 1), x.dtype)], axis=1)  # noqa: E731
+    inputs = pad(inputs).at[rows, last + 1].set(targets[rows, last].astype(inputs.dtype))
+    positions = pad(positions).at[rows, last + 1].set(positions[rows, last] + 1)
+    segment_ids = pad(segment_ids).at[rows, last + 1].set(segment_ids[rows, last])
+    return inputs, positions, segment_ids
+
+
 class RewardModel(Transformer):
-    """r(x, y): the Transformer's hidden state at the last scored token of the response, through a
-    scalar head. With teacher forcing, the hidden state at position t has read inputs ≤ t, and
-    the last scored target is the response's final token (the end-of-turn closing it, with chat
-    data): the score reads the whole prompt and response but that final token."""
+    """r(x, y): the Transformer's hidden state at the last real token of prompt + response (the one
+    that has read every token of both, the final one included), through a scalar head."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs)
         self.reward_head = ScalarHead(cfg.d_model)
 
-    def rewards(self, inputs: Array, positions: Array, segment_ids: Array, loss_mask: Array) -> Array:
-        """A batch of the contract [B, T] (one sequence per row) → rewards [B] float32."""
+    def rewards(self, inputs: Array, positions: Array, segment_ids: Array, loss_mask: Array,
+                targets: Array | None = None) -> Array:
+        """A batch of the contract [B, T] (one sequence per row) → rewards [B] float32.
+
+        With ``targets`` (training and evaluation batches, whose final token is only a target):
+        the final token, ``targets`` at the last scored position, is fed as one more input
+        (`with_final_token`: a [B, T+1] forward) and read there. Without: ``inputs`` already hold
+        the whole sequence (a rollout), read at the last real token (`last_real_index`). Padding,
+        on either side, changes no reward."""
+        if targets is not None:
+            inputs, positions, segment_ids = with_final_token(inputs, positions, segment_ids, loss_mask, targets)
         hidden = self.hidden_states(inputs, positions, segment_ids)
-        last = jnp.take_along_axis(hidden, last_scored_index(loss_mask)[:, None, None], axis=1)[:, 0]
+        last = jnp.take_along_axis(hidden, last_real_index(segment_ids)[:, None, None], axis=1)[:, 0]
         return self.reward_head(last)
 
 

@@ -100,6 +100,8 @@ class Transformer(nnx.Module):
 
         if self.cfg.remat:
             step = jax.checkpoint(step, policy=jax.checkpoint_policies.nothing_saveable)
+        if layer_caches is not None:  # cached (prefill, decoding): the stacked cache updated in place
+            return self._scan_cached(step, x, stacked, layer_caches, cache_index, x.shape[1], self.cfg.scan_layers)
         if self.cfg.scan_layers:
             return jax.lax.scan(step, x, (stacked, layer_caches))
         # unrolled: one copy of the block per layer. The stacked arrays are cut with one
@@ -111,6 +113,36 @@ class Transformer(nnx.Module):
             x, out = step(x, jax.tree.map(lambda parts: parts[i], layers, is_leaf=lambda v: isinstance(v, list)))
             outs.append(out)
         return x, jax.tree.map(lambda *a: jnp.stack(a), *outs)
+
+    @staticmethod
+    def _scan_cached(step, x, stacked, layer_caches, cache_index, t, scan):
+        """The layer scan of a cached pass with the stacked (k, v) caches in the carry: each layer
+        reads its slice and only its T new slots are written back (dynamic_update_slice at
+        [layer, …, cache_index]), so the stacked cache is updated in place. (As scan inputs and
+        outputs, every decode step wrote a fresh copy of the whole cache.)"""
+        def body(carry, xs):
+            h, caches = carry
+            params, i = xs
+            layer = tuple(jax.lax.dynamic_index_in_dim(c, i, axis=0, keepdims=False) for c in caches)
+            h, updated = step(h, (params, layer))
+            # the T new slots of each updated layer cache: k is [B, K, hd, S], v is [B, K, S, hd]
+            new_k = jax.lax.dynamic_slice_in_dim(updated[0], cache_index, t, axis=3)
+            new_v = jax.lax.dynamic_slice_in_dim(updated[1], cache_index, t, axis=2)
+            zero = jnp.zeros((), jnp.int32)
+            caches = (jax.lax.dynamic_update_slice(caches[0], new_k[None].astype(caches[0].dtype),
+                                                   (i, zero, zero, zero, jnp.asarray(cache_index, jnp.int32))),
+                      jax.lax.dynamic_update_slice(caches[1], new_v[None].astype(caches[1].dtype),
+                                                   (i, zero, zero, jnp.asarray(cache_index, jnp.int32), zero)))
+            return (h, caches), None
+
+        n = layer_caches[0].shape[0]
+        if scan:
+            (x, caches), _ = jax.lax.scan(body, (x, tuple(layer_caches)), (stacked, jnp.arange(n, dtype=jnp.int32)))
+            return x, caches
+        carry = (x, tuple(layer_caches))  # unrolled: the same body once per layer, static layer index
+        for i in range(n):
+            carry, _ = body(carry, (jax.tree.map(lambda a: a[i], stacked), jnp.int32(i)))
+        return carry
 
     def forward(self, inputs: Array, positions: Array, segment_ids: Array, *, cache: dict | None = None,
                 cache_index: Array | None = None) -> tuple[Array, dict | None]:

@@ -16,6 +16,10 @@ includes `count`. A module may also define
                                                  (RL: rollouts; lm/train/loop.py: PrepareBatch)
     HAS_VALIDATION_LOSS = False                  no validation-loss passes (RL); default True
 
+Shared by the objectives (and the evaluators): `_logprobs.py`, a model's per-token log-probabilities
+of a batch's targets (chunked, sharded under the step's mesh; never [B, T, V] logits), and
+`_rl.py`, what GRPO and PPO share.
+
 Evaluations after training are lm/evals/ evaluators, chosen in config.eval.evaluators.
 """
 

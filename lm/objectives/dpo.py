@@ -2,7 +2,7 @@
 directly, against a frozen reference policy (seed documents' RLHF/DPO stage).
 
 With ρ(y) = log π_θ(y | x) − log π_ref(y | x), the summed log-probabilities of an answer's scored
-tokens (teacher forcing: lm.losses.cross_entropy(...).target_logprobs, summed by
+tokens (teacher forcing: lm.objectives._logprobs.token_logprobs, chunked, summed by
 lm.losses.sequence_logprobs under the answer's loss mask), the loss is `lm.losses.dpo_loss`:
 
     sigmoid  −(1−ε)·log σ(β(ρ_c − ρ_r)) − ε·log σ(−β(ρ_c − ρ_r))     (ε = label_smoothing: cDPO)
@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lm import losses
+from lm.objectives import _logprobs
 from lm.losses.preference import DPO_LOSS_TYPES
 from lm.objectives.reward import both_sides, pair_weights
 from lm.train.state import FrozenModel
@@ -57,11 +58,11 @@ def frozen_models(config: Any, model_cfg) -> dict:
 
 
 def answer_logprobs(model, batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(Σ log π over chosen [B], over rejected [B], scored-token counts [2B]) in one [2B, T] pass."""
+    """(Σ log π over chosen [B], over rejected [B], scored-token counts [2B]) in one [2B, T] pass
+    (chunked token log-probs, lm/objectives/_logprobs.py: no [2B, T, V] logits)."""
     both = both_sides(batch)
-    logits = model(both["inputs"], both["positions"], both["segment_ids"])
-    out = losses.cross_entropy(logits, both["targets"], both["loss_mask"])
-    logps = losses.sequence_logprobs(out.target_logprobs, both["loss_mask"])
+    per_token = _logprobs.token_logprobs(model, both).logprobs
+    logps = losses.sequence_logprobs(per_token, both["loss_mask"])
     b = batch["chosen"]["inputs"].shape[0]
     return logps[:b], logps[b:], jnp.sum(both["loss_mask"], axis=-1)
 

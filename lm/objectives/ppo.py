@@ -21,7 +21,6 @@ one count. Metrics: GRPO's, plus value/loss, value/clip_fraction, value/explaine
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -47,58 +46,70 @@ def frozen_models(config: Any, model_cfg: Any) -> dict:
     return _rl.reference(config, model_cfg)
 
 
-def _forward(graphdef, params, batch):
-    """(log π(targets) [B, T], logits [B, T, V], values [B, T])."""
+def _forward(graphdef, params, batch, knobs):
+    """(log q(targets) [B, T] and entropy [B, T] of the behaviour distribution, values [B, T])."""
     logits, values = nnx.merge(graphdef, params).logits_and_values(batch["inputs"], batch["positions"],
                                                                    batch["segment_ids"])
-    return losses.cross_entropy(logits, batch["targets"], batch["loss_mask"]).target_logprobs, logits, values
+    logprobs, entropy = _rl.token_scores(logits, batch["targets"], knobs)
+    return logprobs, entropy, values
 
 
 def make_prepare_batch(config: Any, setup: Any, tokenizer: Any):
     """prepare_batch(params, prompts, rng, frozen) -> (step batch, rollout metrics)."""
+    from lm.objectives.grpo import score_shardings
+
     rc = config.rl
     rollouts = _rl.Rollouts(config, setup, tokenizer)
     ref_graphdef = setup.frozen_graphdefs["reference"]
+    knobs, ref_knobs = _rl.sampling_knobs(rc), _rl.reference_knobs(rc)
+    prompt_len = config.train.seq_len - rc.max_new_tokens
 
-    @functools.partial(jax.jit, out_shardings=(rollouts.batch_sharding, rollouts.replicated))
     def score(params, seq, out, rewards, valid, frozen):
         if rc.reward == "reward_model":
             rewards = _rl.model_rewards(setup, seq, frozen)
-        old, logits, values = _forward(setup.graphdef, params, seq)
-        ref, _ = _rl.policy_forward(ref_graphdef, frozen["reference"], seq)
-        mask = seq["loss_mask"] * valid[:, None]
+        rewards = rewards + _rl.overlong(rc, out["lengths"])
+        old, entropy, values = _forward(setup.graphdef, params, seq, knobs)
+        ref, _ = _rl.policy_forward(ref_graphdef, frozen["reference"], seq, ref_knobs)
+        mask, excluded = _rl.scored_mask(seq, valid, old)
         last = last_scored_index(mask)
         token_rewards = jnp.zeros_like(mask).at[jnp.arange(mask.shape[0]), last].set(rewards * valid)
         if rc.kl_penalty == "reward":  # per-token −β·(log π_old − log π_ref): the usual RLHF shaping
-            token_rewards = token_rewards - rc.kl_coef * mask * jnp.where(mask != 0, old - ref, 0.0)
+            token_rewards = token_rewards + losses.kl_rewards(old, ref, mask, rc.kl_coef)
         advantages, returns = losses.gae(token_rewards, values, mask, rc.gamma, rc.lam)
         if rc.whiten_advantages:
             advantages = losses.whiten(advantages, mask)
-        batch = dict(seq, loss_mask=mask, old_logprobs=old, ref_logprobs=ref, advantages=advantages,
-                     returns=returns, old_values=jnp.where(mask != 0, values, 0.0))
-        metrics = _rl.rollout_metrics(rewards, valid, mask, old, ref, losses.entropy(logits).per_token,
-                                      out["lengths"], rc.max_new_tokens)
+        batch = dict(seq, loss_mask=mask, old_logprobs=jnp.where(mask != 0, old, 0.0), ref_logprobs=ref,
+                     advantages=advantages, returns=returns, old_values=jnp.where(mask != 0, values, 0.0))
+        metrics = _rl.rollout_metrics(rewards, valid, mask, old, ref, entropy, out, prompt_len, rc.max_new_tokens)
+        metrics["rl/excluded_tokens"] = excluded
         residual = _rl.token_mean((returns - values) ** 2, mask)
         spread = _rl.token_mean((returns - _rl.token_mean(returns, mask)) ** 2, mask)
         metrics["value/explained_variance"] = 1.0 - residual / jnp.maximum(spread, 1e-8)
         return batch, metrics
 
+    score = jax.jit(setup.with_activation_hints(score), **score_shardings(rollouts, setup))
     return _rl.prepare_with(rollouts, score, rc.updates_per_rollout)
 
 
 def make_loss_fn(config: Any, graphdef: Any):
     """loss_fn(params, batch, rng, frozen) -> (policy + value loss sum, sums)."""
     rc = config.rl
+    knobs = _rl.sampling_knobs(rc)
 
     def loss_fn(params, batch, rng, frozen=None):
         del rng, frozen
-        logprobs, logits, values = _forward(graphdef, params, batch)
-        policy_sum, sums, _ = _rl.policy_terms(config, logprobs, logits, batch, batch["advantages"])
+        logprobs, entropy, values = _forward(graphdef, params, batch, knobs)
+        policy_sum, sums, policy = _rl.policy_terms(config, logprobs, entropy, batch, batch["advantages"])
         value = losses.value_loss(values, batch["old_values"], batch["returns"], batch["loss_mask"],
-                                  clip_eps=rc.value_clip_eps or None, normalize=rc.normalize,
-                                  max_len=rc.max_new_tokens if rc.normalize == "constant" else None)
+                                  clip_eps=rc.value_clip_eps or None, normalize=_value_normalize(rc),
+                                  max_len=rc.max_new_tokens if _value_normalize(rc) == "constant" else None)
         sums["means"]["value/loss"] = (value.sum, value.count)
         sums["means"]["value/clip_fraction"] = (value.clip_fraction_sum, value.token_count)
         return policy_sum + rc.value_coef * value.sum, sums  # one count: both normalized alike
 
     return loss_fn
+
+
+def _value_normalize(rc) -> str:
+    """The value loss's normalization: the policy loss's (rl.loss_type's when set), so they share one count."""
+    return losses.LOSS_TYPES[rc.loss_type] if rc.loss_type else rc.normalize

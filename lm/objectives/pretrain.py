@@ -3,7 +3,9 @@
     objective = Σ_t loss_mask_t · (−log p_θ(targets_t | inputs_≤t))   (+ z-loss, label smoothing)
 
 summed, with `count = Σ_t loss_mask_t`; the trainer divides once. With
-`config.loss.kind = 'fused'` the [B, T, V] logits are never materialized.
+`config.loss.kind = 'fused'` the [B, T, V] logits are never materialized: lm.losses.fused_cross_entropy,
+a reduction of the chunked token log-probabilities (lm/objectives/_logprobs.py), each device
+computing its own rows (and vocabulary shard) under the mesh.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 from flax import nnx
 
 from lm import losses
+from lm.objectives import _logprobs
 
 
 def sums_of(out: losses.LossOutput) -> dict:
@@ -24,11 +27,8 @@ def sums_of(out: losses.LossOutput) -> dict:
 def token_loss(model, batch: dict, loss_cfg: Any) -> losses.LossOutput:
     """Cross-entropy of `model` on `batch` (inputs, targets, loss_mask, segment_ids, positions)."""
     opts = dict(z_loss=loss_cfg.z_loss, label_smoothing=loss_cfg.label_smoothing)
-    if loss_cfg.kind == "fused":
-        hidden = model.hidden_states(batch["inputs"], batch["positions"], batch["segment_ids"])
-        kernel, layout = model.output_kernel()
-        return losses.fused_cross_entropy(hidden, kernel, batch["targets"], batch["loss_mask"],
-                                          chunk_size=loss_cfg.chunk_size, kernel_layout=layout, **opts)
+    if loss_cfg.kind == "fused":  # chunked, sharded by rows (and vocabulary) under the mesh
+        return _logprobs.fused_cross_entropy(model, batch, loss_cfg)
     if loss_cfg.kind != "explicit":
         raise ValueError(f"config.loss.kind must be 'explicit' or 'fused', got {loss_cfg.kind!r}")
     logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])

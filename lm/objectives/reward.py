@@ -2,7 +2,7 @@
 pairs by the Bradley–Terry likelihood (seed documents' RLHF stage: people rank answers, a reward
 model learns to score them).
 
-    r = RewardModel(prompt + answer)   the hidden state at the answer's last scored token → scalar
+    r = RewardModel(prompt + answer)   the hidden state at the answer's final token → scalar
     objective = Σ_pairs w·(−log σ(r_c − r_r − margin)) + c·Σ_pairs w·(r_c + r_r)²,   count = Σ w
 
 (`lm.losses.bradley_terry_loss`; the second term is TRL's `center_rewards_coefficient` c =
@@ -49,7 +49,8 @@ def both_sides(batch: dict) -> dict:
 def pair_rewards(model: RewardModel, batch: dict) -> tuple[jax.Array, jax.Array]:
     """(r_c [B], r_r [B]) from one forward pass over both sides."""
     both = both_sides(batch)
-    rewards = model.rewards(both["inputs"], both["positions"], both["segment_ids"], both["loss_mask"])
+    rewards = model.rewards(both["inputs"], both["positions"], both["segment_ids"], both["loss_mask"],
+                            both["targets"])  # the final token is a target only: fed as one more input
     b = batch["chosen"]["inputs"].shape[0]
     return rewards[:b], rewards[b:]
 

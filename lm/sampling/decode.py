@@ -40,7 +40,7 @@ import numpy as np
 from flax import nnx
 
 from lm.sampling.filters import (  # noqa: F401  (re-exported by lm.sampling)
-    apply_temperature, filter_logits, min_p_filter, sample_token, top_k_filter, top_p_filter)
+    apply_temperature, behaviour_logprobs, filter_logits, min_p_filter, sample_token, top_k_filter, top_p_filter)
 from lm.model.cpu import for_decoding
 
 Array = jax.Array
@@ -94,6 +94,28 @@ def _sample_rows(row_keys: Array, step: Array, logits: Array, knobs: dict[str, A
     return jax.vmap(one)(row_keys, logits)
 
 
+def _sample_and_score(row_keys: Array, step: Array, logits: Array, knobs: dict[str, Array]) -> tuple[Array, dict]:
+    """`_sample_rows` (the same draws, bit for bit) that also returns, per row, what RL keeps of the
+    step instead of its [B, V] logits: {sample_logprobs (log q(token) of the distribution drawn
+    from, `behaviour_logprobs`), policy_logprobs (log softmax(x)[token], temperature 1, no filter),
+    entropy (of q)}, each [B] float32."""
+    filtered = filter_logits(logits, knobs["temperature"], knobs["top_k"], knobs["top_p"], knobs["min_p"])
+
+    def one(key, row_filtered, row_logits):
+        drawn = jax.random.categorical(jax.random.fold_in(key, step), row_filtered, axis=-1)
+        return jnp.where(jnp.asarray(knobs["temperature"]) == 0, jnp.argmax(row_logits, axis=-1), drawn).astype(jnp.int32)
+
+    token = jax.vmap(one)(row_keys, filtered, logits)
+    logq = jax.nn.log_softmax(filtered, axis=-1)
+    q = jnp.exp(logq)
+    pick = lambda logp: jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]  # noqa: E731
+    return token, {"sample_logprobs": pick(logq), "policy_logprobs": pick(jax.nn.log_softmax(logits, axis=-1)),
+                   "entropy": -jnp.sum(jnp.where(q > 0, q * logq, 0.0), axis=-1)}
+
+
+_KEPT = ("sample_logprobs", "policy_logprobs", "entropy")  # [B, N] per generated token (keep_logprobs)
+
+
 def _is_stop(tokens: Array, stop_ids: Array) -> Array:
     return jnp.any(tokens[:, None] == stop_ids[None, :], axis=-1)
 
@@ -104,8 +126,9 @@ def _last_logits(model, inputs, positions, segment_ids, cache, cache_index):
     return model.logits_from_hidden(hidden[:, -1]).astype(F32), cache  # only the last position is sampled
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_len", "max_new_tokens", "keep_logits"))
-def _prefill(graphdef, params, prompt, knobs, stop_ids, key, *, max_len, max_new_tokens, keep_logits):
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_len", "max_new_tokens", "keep_logits", "keep_logprobs"))
+def _prefill(graphdef, params, prompt, knobs, stop_ids, key, *, max_len, max_new_tokens, keep_logits,
+             keep_logprobs=False):
     """Run the padded prompt through an empty cache and sample token 0: returns the loop state."""
     model = nnx.merge(graphdef, params)
     tokens, positions, segment_ids = prompt["tokens"], prompt["positions"], prompt["segment_ids"]
@@ -114,7 +137,10 @@ def _prefill(graphdef, params, prompt, knobs, stop_ids, key, *, max_len, max_new
     logits, cache = _last_logits(model, tokens, positions, segment_ids, cache, 0)  # 0: the cache is empty
     # left padding puts every row's last real token at P−1: logits [B, V] are each row's next token's
     row_keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(batch))
-    token = _sample_rows(row_keys, 0, logits, knobs)
+    if keep_logprobs:
+        token, kept = _sample_and_score(row_keys, 0, logits, knobs)
+    else:
+        token = _sample_rows(row_keys, 0, logits, knobs)
     state = {
         "cache": cache,
         "tokens": jnp.full((batch, max_new_tokens), -1, jnp.int32).at[:, 0].set(token),
@@ -126,6 +152,8 @@ def _prefill(graphdef, params, prompt, knobs, stop_ids, key, *, max_len, max_new
     }
     if keep_logits:
         state["logits"] = jnp.zeros((batch, max_new_tokens, logits.shape[-1]), F32).at[:, 0].set(logits)
+    if keep_logprobs:  # [B, N] per generated token, never [B, N, V]
+        state.update({k: jnp.zeros((batch, max_new_tokens), F32).at[:, 0].set(kept[k]) for k in _KEPT})
     return state
 
 
@@ -155,12 +183,19 @@ def _decode_chunk(graphdef, params, state, knobs, stop_ids, stop_at):
         positions = (s["lengths"] + i - 1)[:, None]
         logits, cache = _last_logits(model, previous, positions, jnp.ones_like(previous), s["cache"],
                                      s["prompt_len"] + i - 1)
-        token = _sample_rows(s["row_keys"], i, logits, knobs)
-        token = jnp.where(s["done"], -1, token)
+        if "sample_logprobs" in s:
+            token, kept = _sample_and_score(s["row_keys"], i, logits, knobs)
+        else:
+            token = _sample_rows(s["row_keys"], i, logits, knobs)
+        was_done = s["done"]
+        token = jnp.where(was_done, -1, token)
         s = dict(s, cache=cache, step=i + 1, done=s["done"] | _is_stop(token, stop_ids),
                  tokens=jax.lax.dynamic_update_index_in_dim(s["tokens"], token, i, axis=1))
         if "logits" in s:
             s["logits"] = jax.lax.dynamic_update_index_in_dim(s["logits"], logits, i, axis=1)
+        if "sample_logprobs" in s:
+            for k in _KEPT:
+                s[k] = jax.lax.dynamic_update_index_in_dim(s[k], jnp.where(was_done, 0.0, kept[k]), i, axis=1)
         return s
 
     return jax.lax.while_loop(cond, body, state)

@@ -106,6 +106,28 @@ def filter_logits(logits: Array, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
     return min_p_filter(logits, min_p)
 
 
+def behaviour_logprobs(logits: Array, tokens: Array, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
+                       *, with_entropy: bool = False):
+    """log q(token) under the distribution the sampler draws from, ``q = softmax(filter_logits(x))``:
+    logits [..., V], tokens [...] int → [...] float32 (and q's entropy [...] with ``with_entropy``).
+
+    The one function behind every log-probability that RL compares (lm/objectives/_rl.py): the
+    sampler records it for each token it draws, and the scorer computes it from teacher-forced
+    logits with the same knobs, so the importance ratio π_θ/π_old is the ratio of the
+    distributions actually sampled, and exactly 1 on the first, on-policy step. A token the
+    filters dropped gets −inf; T = 0 is the point mass on the argmax (log q = 0 there).
+    The gradient reaches ``logits`` through the kept entries only."""
+    filtered = filter_logits(logits, temperature, top_k, top_p, min_p)
+    logq = jax.nn.log_softmax(filtered, axis=-1)
+    safe = jnp.clip(jnp.asarray(tokens, jnp.int32), 0, logits.shape[-1] - 1)[..., None]
+    picked = jnp.take_along_axis(logq, safe, axis=-1)[..., 0]
+    if not with_entropy:
+        return picked
+    q = jnp.exp(logq)
+    entropy = -jnp.sum(jnp.where(q > 0, q * logq, 0.0), axis=-1)
+    return picked, jax.lax.stop_gradient(entropy)
+
+
 def sample_token(key: Array, logits: Array, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) -> Array:
     """One draw from softmax(filter_logits(x)) per row: logits [..., V] → int32 [...]; T = 0: argmax x."""
     filtered = filter_logits(logits, temperature, top_k, top_p, min_p)

@@ -11,22 +11,24 @@ module docstring: token i of a row sits at cache slot P+i, position len(prompt)+
 Besides the tokens it returns, per sampled token y_i drawn from the logits x_i of step i,
 
     sample_logprobs[b, i] = log softmax(filter(x_i))[y_i]    the distribution it was drawn from
-                                                             (temperature, top-k/p, min-p)
+                                                             (temperature, top-k/p, min-p:
+                                                             lm.sampling.behaviour_logprobs)
     policy_logprobs[b, i] = log softmax(x_i)[y_i]             the unfiltered policy at temperature 1
+    entropy[b, i]         = H(softmax(filter(x_i)))           of the distribution drawn from
 
-(0 after a row's stop). With temperature 1 and no filter both are log π_θ(y_i | prefix), equal
-up to float rounding to a teacher-forced forward pass over prompt + completion (tests check it).
+(0 after a row's stop), computed inside the loop: the rollout never holds [B, N, V] logits.
+With temperature 1 and no filter both are log π_θ(y_i | prefix), equal up to float rounding to a teacher-forced forward pass over prompt + completion (tests check it).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from lm.model.cpu import for_decoding
 from lm.sampling.decode import _DECODE_COMPILER_OPTIONS, _decode_chunk, _prefill
-from lm.sampling.filters import filter_logits
 
 Array = jax.Array
 COMPILER_OPTIONS = _DECODE_COMPILER_OPTIONS  # pass to the jax.jit around `rollout` (decode.py: in-place cache updates)
@@ -45,8 +47,8 @@ def rollout(graphdef, params, prompt: dict, key: Array, knobs: dict, stop_ids: A
       inside the trace from `params` (concatenations, once per call); False: the model as it is.
 
     Returns {tokens [B, N] int32 (−1 after a row's stop token), lengths [B] int32 (tokens
-    generated, stop token included), sample_logprobs, policy_logprobs: [B, N] float32 (0 where
-    tokens is −1)}.
+    generated, stop token included), sample_logprobs, policy_logprobs, entropy: [B, N] float32
+    (0 where tokens is −1)}.
     """
     batch, prompt_len = prompt["tokens"].shape
     if decode_layout:
@@ -54,18 +56,12 @@ def rollout(graphdef, params, prompt: dict, key: Array, knobs: dict, stop_ids: A
     # the jitted functions' bodies (a nested jit may not carry compiler options: the caller's jit
     # takes COMPILER_OPTIONS instead)
     state = _prefill.__wrapped__(graphdef, params, prompt, knobs, stop_ids, key, max_len=prompt_len + max_new_tokens,
-                     max_new_tokens=max_new_tokens, keep_logits=True)
+                                 max_new_tokens=max_new_tokens, keep_logits=False, keep_logprobs=True)
     state = _decode_chunk.__wrapped__(graphdef, params, state, knobs, stop_ids, jnp.int32(max_new_tokens))
-    tokens, logits = state["tokens"], state["logits"]  # [B, N], [B, N, V] raw float32 logits
+    tokens = state["tokens"]  # [B, N]; the step's [B, V] logits are reduced to [B] values as it runs
     produced = tokens >= 0
-    safe = jnp.maximum(tokens, 0)[..., None]
-
-    def logprob_of(x):
-        return jnp.where(produced, jnp.take_along_axis(jax.nn.log_softmax(x, axis=-1), safe, axis=-1)[..., 0], 0.0)
-
-    filtered = filter_logits(logits, knobs["temperature"], knobs["top_k"], knobs["top_p"], knobs["min_p"])
     return {"tokens": tokens, "lengths": jnp.sum(produced, axis=1).astype(jnp.int32),
-            "sample_logprobs": logprob_of(filtered), "policy_logprobs": logprob_of(logits)}
+            **{k: jnp.where(produced, state[k], 0.0) for k in ("sample_logprobs", "policy_logprobs", "entropy")}}
 
 
 def left_padded(tokens, lengths) -> dict:
@@ -105,3 +101,24 @@ def completion_values(per_target: Array, prompt_len: int) -> Array:
     """[B, T] per-target values (T = P + N) → [B, N]: those of the completion's tokens."""
     new = per_target.shape[1] - prompt_len
     return per_target[:, prompt_len - 1:prompt_len - 1 + new]
+
+
+def stop_ids_of(tokenizer) -> tuple[int, ...]:
+    """Every id that ends a generation: the tokenizer's own list (`stop_ids`: an imported Hugging
+    Face model's eos_token plus its generation_config.json eos_token_id list,
+    lm.data.hf_tokenizer), its end_of_turn and its eos, in that order, without repeats."""
+    ids = list(getattr(tokenizer, "stop_ids", None) or ())
+    for name in ("end_of_turn_id", "eos_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            ids.append(int(value))
+    return tuple(dict.fromkeys(int(i) for i in ids))
+
+
+def stop_array(stop_ids) -> np.ndarray:
+    """Stop ids → the int32 array `rollout` takes, padded with −1 (never sampled) to a multiple of 4
+    (few distinct shapes: few compilations)."""
+    stop_ids = tuple(int(i) for i in stop_ids)
+    out = np.full((max(4, -(-len(stop_ids) // 4) * 4),), -1, np.int32)
+    out[:len(stop_ids)] = stop_ids
+    return out

@@ -61,5 +61,16 @@ def init_params(path: str, abstract: Any, fresh: Any, log=print) -> tuple[Any, l
 
 
 def load_frozen(path: str, abstract: Any) -> Any:
-    """All parameters of a frozen model from the checkpoint under `path` (every one must be there)."""
-    return jax.block_until_ready(ckpt.restore_params(path, abstract).tree)
+    """All parameters of a frozen model from the checkpoint under `path` (every one must be there),
+    in the dtypes of `abstract` (a frozen model's compute dtype, lm/train/state.py): read as stored
+    (float32, so that the checksums verify), then cast on the device, the float32 copy freed."""
+    import jax.numpy as jnp
+
+    stored = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=a.sharding)
+                          if jnp.issubdtype(a.dtype, jnp.floating) else a, abstract)
+    tree = ckpt.restore_params(path, stored).tree
+    if any(a.dtype != s.dtype for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(stored))):
+        shardings = jax.tree.map(lambda a: a.sharding, abstract)
+        tree = jax.jit(lambda t: jax.tree.map(lambda x, a: x.astype(a.dtype), t, abstract),
+                       out_shardings=shardings, donate_argnums=0)(tree)
+    return jax.block_until_ready(tree)

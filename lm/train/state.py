@@ -10,6 +10,9 @@ reference policy of DPO and RL, a reward model). Their parameters are passed to 
 `frozen[name]`, sharded like trained parameters by their logical axes, never updated, never
 donated, and not in the optimizer state or the train state (a checkpoint holds only what
 training changes; a resumed run loads its frozen models again from where they came from).
+They are held in the model's compute dtype (`ModelConfig.dtype`, e.g. bfloat16: half the
+memory of float32 and no per-step cast; `Setup.abstract_frozen` says so): they are only ever
+read in the compute dtype, and checkpoints keep float32 (lm/train/init.py casts after reading).
 """
 
 from __future__ import annotations
@@ -87,12 +90,37 @@ def _init_params(make_model: ModelFactory, seed: int) -> Any:
     return nnx.to_pure_dict(nnx.split(make_model(nnx.Rngs(seed)))[1])
 
 
-def _plan_params(make_model: ModelFactory, mesh, rules, seed: int):
-    """(graphdef, abstract params, their shardings) of the model `make_model` builds."""
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: make_model(nnx.Rngs(seed))))
+def _plan_params(make_model: ModelFactory, mesh, rules, seed: int, frozen: bool = False):
+    """(graphdef, abstract params, their shardings) of the model `make_model` builds; frozen: its
+    floating parameters in the model's compute dtype (`compute_dtype_of`)."""
+    module = nnx.eval_shape(lambda: make_model(nnx.Rngs(seed)))
+    graphdef, abstract = nnx.split(module)
     abstract_params = nnx.to_pure_dict(abstract)
     shardings = shd.param_shardings(shd.logical_axes_tree(abstract), abstract_params, rules, mesh)
+    if frozen:
+        abstract_params = in_dtype(abstract_params, compute_dtype_of(module))
     return graphdef, abstract_params, shardings
+
+
+def compute_dtype_of(module: nnx.Module):
+    """The dtype a model computes in (its ModelConfig's), or None when it does not say."""
+    cfg = getattr(module, "cfg", None)
+    return getattr(cfg, "compute_dtype", None)
+
+
+def in_dtype(tree: Any, dtype) -> Any:
+    """Floating arrays (or ShapeDtypeStructs) of `tree` as `dtype` (None: unchanged)."""
+    if dtype is None:
+        return tree
+
+    def cast(x):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            return x
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, dtype, sharding=getattr(x, "sharding", None))
+        return x.astype(dtype)
+
+    return jax.tree.map(cast, tree)
 
 
 def _init_fn(make_model: ModelFactory, optimizer: optax.GradientTransformation, seed: int):
@@ -120,7 +148,7 @@ def plan_state(model: ModelConfig | ModelFactory, optimizer: optax.GradientTrans
         factory = as_factory(frozen_model)
         setup.frozen_factories[name] = factory
         (setup.frozen_graphdefs[name], setup.abstract_frozen[name],
-         setup.frozen_shardings[name]) = _plan_params(factory, mesh, rules, seed)
+         setup.frozen_shardings[name]) = _plan_params(factory, mesh, rules, seed, frozen=True)
     return setup
 
 
@@ -138,7 +166,8 @@ def create_state(model: ModelConfig | ModelFactory, optimizer: optax.GradientTra
 
 
 def init_frozen(setup: Setup, name: str, seed: int) -> Any:
-    """Freshly initialized parameters of frozen model `name`, in their sharded layout (tests, and
-    frozen models that are not loaded from a checkpoint)."""
-    factory = setup.frozen_factories[name]
-    return jax.jit(lambda: _init_params(factory, seed), out_shardings=setup.frozen_shardings[name])()
+    """Freshly initialized parameters of frozen model `name`, in their sharded layout and the
+    compute dtype (tests, and frozen models that are not loaded from a checkpoint)."""
+    factory, abstract = setup.frozen_factories[name], setup.abstract_frozen[name]
+    cast = lambda params: jax.tree.map(lambda x, a: x.astype(a.dtype), params, abstract)  # noqa: E731
+    return jax.jit(lambda: cast(_init_params(factory, seed)), out_shardings=setup.frozen_shardings[name])()

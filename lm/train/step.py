@@ -40,13 +40,23 @@ def split_micro_batches(batch: dict, k: int) -> dict:
     return jax.tree.map(split, batch)
 
 
+def advance_counts(opt_state):
+    """Every step counter in an optax state (the `count` fields) plus one, the rest as it is."""
+    def bump(path, leaf):
+        name = getattr(path[-1], "name", None) if path else None
+        return leaf + 1 if name == "count" else leaf
+    return jax.tree_util.tree_map_with_path(bump, opt_state)
+
+
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
                     micro_batches: int = 1) -> Callable[..., tuple[TrainState, dict]]:
     """train_step(state, batch, frozen=None) -> (state, metrics): pure; jit it with `jit_train_step`.
     `frozen` (the frozen models' parameters by name) reaches the loss and gets no gradient.
 
-    A step whose loss or gradient norm is not finite leaves params and optimizer state as
-    they were, counts itself in `bad_steps` and reports `skipped = 1`.
+    A step whose loss or gradient norm is not finite leaves params and optimizer moments as
+    they were, counts itself in `bad_steps` and reports `skipped = 1`; its step number is spent
+    all the same: `state.step` and every optimizer `count` (Adam's, the schedule's) advance
+    together, so the logged step, the learning-rate schedule and the optimizer agree after it.
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -87,8 +97,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, sc
         # A cond, not a select of new against old: with a select XLA keeps the old state alive
         # beside the new one and copies every optimizer moment first (2 × 4 bytes per parameter
         # read and written each step; the bench model's step was 2.7% slower, benchmarks/README.md).
-        new_params, new_opt_state = jax.lax.cond(finite, update, lambda p, o: (p, o), state.params,
-                                                 state.opt_state)
+        new_params, new_opt_state = jax.lax.cond(finite, update, lambda p, o: (p, advance_counts(o)),
+                                                 state.params, state.opt_state)
         new_state = TrainState(
             step=state.step + 1,
             params=new_params,
