@@ -6,7 +6,8 @@ PY := $(VENV)/bin/python
 # extras installed with the project: `make test EXTRAS=train,test,hf` adds torch + transformers for
 # the live comparisons of tests/test_hf_live.py (.ci/run does); without them those tests skip.
 # (No extras at all gives lm.losses and lm.masking only, on jax and numpy.)
-EXTRAS ?= train,test
+# curate: Apache Beam etc. for lm/data/curate and tests/test_curate*.py
+EXTRAS ?= train,test,curate
 PIP_ARGS ?=  # extra pip arguments for the install, e.g. a constraints file (.ci/run pins a CPU-only torch)
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
