@@ -47,7 +47,7 @@ def get_config(arg: str | None = None):
     m.norm_eps = 1e-5
     m.tie_embeddings = False  # Llama-3-8B has a separate output projection
     m.dtype = "bfloat16"
-    m.remat = True
+    m.remat = "full"
     m.attention_block = 512  # causal blocks: a T×T attention does ~(1 + 512/T)/2 of its score work
     m.init_scale = 1.0
 

@@ -9,6 +9,7 @@
     heads.py        RewardModel (scalar per sequence) and ValueModel (value per token)
     cpu.py          for_decoding: the opt-in decode layout (fused, row-blocked, per-layer weights)
     counting.py     parameter and FLOP counts
+    remat.py        the named rematerialization policies (model.remat)
 """
 
 from lm.model.attention import Attention, attend, cache_sizes

@@ -9,6 +9,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from lm import masking
 from lm.model.config import ModelConfig
@@ -73,7 +74,7 @@ class Attention(nnx.Module):
         cfg = self.cfg
         b, t, d = x.shape
         h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim_
-        q, k, v = self.project_qkv(x.reshape(b * t, d))
+        q, k, v = checkpoint_name(self.project_qkv(x.reshape(b * t, d)), "qkv_proj")  # remat tags: lm/model/remat.py
         q, k, v = q.reshape(b, t, h, hd), k.reshape(b, t, kv, hd), v.reshape(b, t, kv, hd)
         q = constrain(q, ("batch", "length", "heads", "head_dim"))  # [B, T, H, hd]
         k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
@@ -94,7 +95,7 @@ class Attention(nnx.Module):
         else:
             out = self._attend_causal(q, k, v, q_segment_ids, q_index)
         out = out.transpose(0, 2, 1, 3, 4).reshape(b * t, h * hd)
-        return self.project_out(out).reshape(b, t, d), new_cache
+        return checkpoint_name(self.project_out(out), "out_proj").reshape(b, t, d), new_cache
 
     def _attend_causal(self, q, k, v, segment_ids, q_index):
         """Training and uncached scoring: every query against the T keys, causal within segments."""
