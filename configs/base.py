@@ -36,6 +36,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # 'full' (its input only: recompute the block), 'save_qkv_proj', 'save_out_proj', 'save_dots', 'offload' (host)
     m.scan_layers = True  # lax.scan over the stacked blocks; False unrolls them (longer compile, faster on CPU)
     m.attention_block = 64  # causal attention in blocks of this many queries, skipping masked key blocks; 0: off
+    m.attention_impl = "auto"  # auto | dense | blockwise | splash | cudnn | pallas_gpu (lm/model/attention_ops.py);
+    # auto picks by the platform compiled for: TPU splash; GPU cudnn (bfloat16), else pallas_gpu; CPU dense
+    # below 8192 tokens per row, blockwise (flash-style XLA, memory O(T·block)) from there
     m.decode_block = 0  # cached decoding attends to all slots; b > 0: the filled ones rounded up to a multiple of b
     m.init_scale = 1.0  # multiplies every initial standard deviation
     m.qkv_bias = False  # biases on the q, k, v projections (Qwen2): params blocks.attn.bq [L, H, hd], bk, bv [L, K, hd]

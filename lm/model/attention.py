@@ -1,5 +1,7 @@
 """Grouped-query attention with rotary positions, causal within packed segments, with or without
-a key/value cache (the same code for training, prefill and one-token decoding)."""
+a key/value cache (the same code for training, prefill and one-token decoding). The attention
+itself (dense, blockwise, splash, cuDNN, Pallas GPU) is chosen in lm/model/attention_ops.py; the
+cached decode path is here."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from lm import masking
+from lm.model.attention_ops import attend, causal_attention, group_heads, resolve_attention_impl, ungroup_heads
 from lm.model.config import ModelConfig
 from lm.model.hints import constrain
 from lm.model.layers import matmuls, param, rope_frequencies, rotary
@@ -65,11 +68,14 @@ class Attention(nnx.Module):
                  cache_index=None):
         """x [B, T, D] → ([B, T, D], updated (k, v) cache or None).
 
-        Without a cache, queries attend to the same T tokens. With `kv_cache = (k, v)`, keys
-        stored transposed as `[B, K, hd, S]` and values as `[B, K, S, hd]` (lm/model/cache.py),
-        the queries attend to the cached slots before `cache_index` (masked by
-        `kv_segment_ids [B, S]`, 0 = empty) and causally to the T new keys, in one softmax; the
-        new keys/values are then written at slots `cache_index .. cache_index+T−1`.
+        Without a cache, queries attend to the same T tokens, by the implementation
+        `cfg.attention_impl` resolves to (lm/model/attention_ops.py). With `kv_cache = (k, v)`,
+        keys stored transposed as `[B, K, hd, S]` and values as `[B, K, S, hd]`
+        (lm/model/cache.py), the queries attend to the cached slots before `cache_index` (masked
+        by `kv_segment_ids [B, S]`, 0 = empty) and causally to the T new keys, in one softmax;
+        the new keys/values are then written at slots `cache_index .. cache_index+T−1`. A prefill
+        into an empty cache (cache_index the int 0) with an implementation other than dense
+        attends by that implementation, as in training.
         """
         cfg = self.cfg
         b, t, d = x.shape
@@ -81,37 +87,22 @@ class Attention(nnx.Module):
         v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
         inv_freq = rope_frequencies(cfg)
         q = rotary(q, positions, cfg.rope_theta, inv_freq)
-        k = rotary(k, positions, cfg.rope_theta, inv_freq).transpose(0, 2, 1, 3)  # [B, K, T, hd]: the layout the
-        v = v.transpose(0, 2, 1, 3)  # score and value products read (and the cache keeps) without a copy
-        groups = h // kv
+        k = rotary(k, positions, cfg.rope_theta, inv_freq)
         q = q * jnp.asarray(1 / math.sqrt(hd), q.dtype)  # scale the [T, hd] side, not [T, S]
-        # [B, K, T, G, hd]: for each (batch, kv head) its T·G query rows are contiguous, so the score
-        # and value products take q, and any causal block of it, without a copy
-        q = q.reshape(b, t, kv, groups, hd).transpose(0, 2, 1, 3, 4)
+        impl = resolve_attention_impl(cfg, seq_len=t)
+        prefill = isinstance(cache_index, int) and cache_index == 0
         new_cache = None
-        if kv_cache is not None:
-            out, new_cache = self._attend_cached(q, k, v, q_segment_ids, q_index, kv_cache, kv_segment_ids,
-                                                 cache_index)
+        if kv_cache is None or (prefill and impl != "dense"):
+            out = causal_attention(q, k, v, q_segment_ids, impl, block=cfg.attention_block)
+            if kv_cache is not None:
+                new_cache = _write_cache(kv_cache, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), 0)
         else:
-            out = self._attend_causal(q, k, v, q_segment_ids, q_index)
-        out = out.transpose(0, 2, 1, 3, 4).reshape(b * t, h * hd)
-        return checkpoint_name(self.project_out(out), "out_proj").reshape(b, t, d), new_cache
-
-    def _attend_causal(self, q, k, v, segment_ids, q_index):
-        """Training and uncached scoring: every query against the T keys, causal within segments."""
-        block, t = self.cfg.attention_block, q.shape[2]
-        if not block or t <= block or t % block:
-            mask = masking.attention_mask(segment_ids, segment_ids, q_index, q_index)  # [B, T, T]
-            return attend(q, [(k, v, mask, False)])
-        # Causal blocks: queries block i (positions i·c .. i·c+c−1) only need keys 0 .. i·c+c−1;
-        # the keys after them are masked anyway, so skipping them changes no number.
-        outs = []
-        for start in range(0, t, block):
-            stop = start + block
-            mask = masking.attention_mask(segment_ids[:, start:stop], segment_ids[:, :stop],
-                                          q_index[:, start:stop], q_index[:, :stop])
-            outs.append(attend(q[:, :, start:stop], [(k[:, :, :stop], v[:, :, :stop], mask, False)]))
-        return jnp.concatenate(outs, axis=2)
+            # [B, K, T, hd] keys and values: the layout the score and value products read (and
+            # the cache keeps) without a copy; q as [B, K, T, G, hd] (attention_ops.group_heads)
+            out, new_cache = self._attend_cached(group_heads(q, kv), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
+                                                 q_segment_ids, q_index, kv_cache, kv_segment_ids, cache_index)
+            out = ungroup_heads(out)
+        return checkpoint_name(self.project_out(out.reshape(b * t, h * hd)), "out_proj").reshape(b, t, d), new_cache
 
     def _attend_cached(self, q, k, v, q_segment_ids, q_index, kv_cache, kv_segment_ids, cache_index):
         """The queries attend to the cache as it was (slots before cache_index) and to the T new
@@ -140,9 +131,23 @@ class Attention(nnx.Module):
             which = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), cache_index)
             out = jax.lax.switch(jnp.minimum(which, len(sizes) - 1),
                                  [functools.partial(attend_first, n) for n in sizes])
-        new_cache = (jax.lax.dynamic_update_slice(ck, k.swapaxes(2, 3).astype(ck.dtype), (0, 0, 0, cache_index)),
-                     jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, cache_index, 0)))
-        return out, new_cache
+        return out, _write_cache(kv_cache, k, v, cache_index)
+
+
+def _write_cache(kv_cache, k, v, cache_index):
+    """The cache (keys `[B, K, hd, S]`, values `[B, K, S, hd]`) with `k, v [B, K, T, hd]` written
+    at slots cache_index .. cache_index+T−1."""
+    ck, cv = kv_cache
+    return (jax.lax.dynamic_update_slice(ck, k.swapaxes(2, 3).astype(ck.dtype), (0, 0, 0, cache_index)),
+            jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, cache_index, 0)))
+
+
+def _write_cache(kv_cache, k, v, cache_index):
+    """The cache (keys `[B, K, hd, S]`, values `[B, K, S, hd]`) with `k, v [B, K, T, hd]` written
+    at slots cache_index .. cache_index+T−1."""
+    ck, cv = kv_cache
+    return (jax.lax.dynamic_update_slice(ck, k.swapaxes(2, 3).astype(ck.dtype), (0, 0, 0, cache_index)),
+            jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, cache_index, 0)))
 
 
 def attend(q: Array, blocks: list[tuple[Array, Array, Array, bool]]) -> Array:

@@ -7,6 +7,7 @@ import dataclasses
 import jax.numpy as jnp
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+ATTENTION_IMPLS = ("auto", "dense", "blockwise", "splash", "cudnn", "pallas_gpu")  # lm/model/attention_ops.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +29,9 @@ class ModelConfig:
     # ('none', 'full', 'save_qkv_proj', 'save_out_proj', 'save_dots', 'offload'); True/False = 'full'/'none'
     attention_block: int = 0  # training attention in causal blocks of this many queries, skipping
     # the key blocks after each (exact; ~(1 + c/T)/2 of the score work); 0: one T×T block
+    attention_impl: str = "auto"  # training/prefill attention: auto | dense | blockwise | splash | cudnn |
+    # pallas_gpu (lm/model/attention_ops.py); auto by the platform compiled for: TPU splash, GPU cudnn
+    # (bfloat16) or pallas_gpu, CPU dense for short rows and blockwise for long ones
     decode_block: int = 0  # 0: cached decoding attends to all cache slots (masked), the cost per
     # token flat in the generated length; b > 0: to the filled slots rounded up to a multiple of b
     # (at most 8 sizes, each compiled once: lax.switch), for caches much longer than what is used
@@ -61,6 +65,8 @@ class ModelConfig:
             problems.append(f"model.attention_block must be >= 0 (0: off), got {self.attention_block}")
         if self.decode_block is None or self.decode_block < 0:
             problems.append(f"model.decode_block must be >= 0 (0: off), got {self.decode_block}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            problems.append(f"model.attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
         if self.rope_scaling not in ("none", "llama3"):
             problems.append(f"model.rope_scaling must be 'none' or 'llama3', got {self.rope_scaling!r}")
         elif self.rope_scaling == "llama3" and not (

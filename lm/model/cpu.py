@@ -27,6 +27,7 @@ from flax import nnx
 
 from lm.model.attention import Attention
 from lm.model.layers import MLP
+from lm.model.platform import compile_platform
 
 Array = jax.Array
 
@@ -34,7 +35,7 @@ Array = jax.Array
 def default_row_blocks() -> int:
     """2 on a CPU with 2 or more cores, where XLA runs the two halves of a small product on two
     threads (measured on 2 cores; 4 blocks were no faster there); 1 elsewhere."""
-    return 2 if jax.default_backend() == "cpu" and (os.cpu_count() or 1) >= 2 else 1
+    return 2 if compile_platform() == "cpu" and (os.cpu_count() or 1) >= 2 else 1
 
 
 def split_rows(w: Array, blocks: int) -> Array:
@@ -112,8 +113,9 @@ def fuse_block(block, row_blocks: int = 1):
 def for_decoding(model, *, per_layer: bool | None = None, row_blocks: int | None = None):
     """A copy of `model` (a Transformer, or a graphdef-compatible subclass) laid out for decoding:
     fused, row-blocked products, and per-layer modules if `per_layer` (None: on a CPU, where it is
-    faster). Same numbers as `model` up to float rounding."""
-    per_layer = jax.default_backend() == "cpu" if per_layer is None else per_layer
+    faster). Same numbers as `model` up to float rounding. "On a CPU": the platform the mesh in
+    context (or else the default backend) runs on (lm/model/platform.py)."""
+    per_layer = compile_platform() == "cpu" if per_layer is None else per_layer
     row_blocks = default_row_blocks() if row_blocks is None else row_blocks
     out = nnx.merge(*nnx.split(model))  # new modules over the same arrays: `model` is left as it is
     if per_layer:

@@ -32,8 +32,14 @@ def activation_sharding(fn: Callable[[tuple, tuple], Any] | None) -> Iterator[No
         _ACTIVATION_SHARDING.reset(token)
 
 
+def sharding_for(axes: tuple[str | None, ...], shape: tuple[int, ...]) -> Any:
+    """The active hint's sharding for an activation of these logical `axes` and `shape` (None
+    when no hint is active). A kernel run under shard_map reads its partition specs from here."""
+    fn = _ACTIVATION_SHARDING.get()
+    return None if fn is None else fn(axes, shape)
+
+
 def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
     """`x` with a sharding constraint for its logical `axes`, if a hint is active (else `x`)."""
-    fn = _ACTIVATION_SHARDING.get()
-    sharding = None if fn is None else fn(axes, x.shape)
+    sharding = sharding_for(axes, x.shape)
     return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)

@@ -1,6 +1,6 @@
 """The Transformer's building blocks besides attention: parameters with logical axes, RMSNorm,
-rotary position embeddings, the weight-product and SwiGLU kernels with written-out VJPs, and the
-SwiGLU MLP."""
+rotary position embeddings, the weight products and SwiGLU (with written-out VJPs when compiling
+for CPU), and the SwiGLU MLP."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from flax import nnx
 
 from lm.model.config import ModelConfig
 from lm.model.hints import constrain
+from lm.model.platform import cpu_kernels
 
 Array = jax.Array
 
@@ -77,11 +78,17 @@ def rotary(x: Array, positions: Array, theta: float, inv_freq: Array | None = No
     return out.reshape(x.shape).astype(x.dtype)
 
 
-@jax.custom_vjp
 def matmuls(x: Array, *ws: Array) -> tuple[Array, ...]:
     """x [M, D] @ w [D, N] for each w: every weight product of a block, with M = B·T flattened so
     each weight gradient is one 2-D product (contracting two batch axes at once is several times
-    slower on XLA:CPU). The backward pass forms the weight gradients from one transposed copy of x.
+    slower on XLA:CPU). Compiling for CPU (lm/model/platform.py: cpu_kernels) the backward pass
+    is `_matmuls_cpu`'s; elsewhere plain autodiff, which TPU and GPU compilers fuse and shard."""
+    return _matmuls_cpu(x, *ws) if cpu_kernels() else tuple(x @ w for w in ws)
+
+
+@jax.custom_vjp
+def _matmuls_cpu(x: Array, *ws: Array) -> tuple[Array, ...]:
+    """`matmuls` whose backward pass forms the weight gradients from one transposed copy of x.
 
     Autodiff would compute dW = xᵀ·dy as a product contracting both operands' first axis, which
     XLA:CPU hands to a slower kernel than the plain [D, M] @ [M, N] product: for the narrow
@@ -93,7 +100,7 @@ def matmuls(x: Array, *ws: Array) -> tuple[Array, ...]:
 
 
 def _matmuls_fwd(x, *ws):
-    return matmuls(x, *ws), (x, ws)
+    return _matmuls_cpu(x, *ws), (x, ws)
 
 
 def _matmuls_bwd(saved, grads):
@@ -103,12 +110,18 @@ def _matmuls_bwd(saved, grads):
     return (dx, *[xt @ g for g in grads])
 
 
-matmuls.defvjp(_matmuls_fwd, _matmuls_bwd)
+_matmuls_cpu.defvjp(_matmuls_fwd, _matmuls_bwd)
+
+
+def swiglu(gate: Array, up: Array) -> Array:
+    """silu(gate) · up, elementwise. Compiling for CPU (lm/model/platform.py: cpu_kernels) with
+    `_swiglu_cpu`'s backward pass; elsewhere plain autodiff (the TPU/GPU compilers fuse it)."""
+    return _swiglu_cpu(gate, up) if cpu_kernels() else jax.nn.silu(gate) * up
 
 
 @jax.custom_vjp
-def swiglu(gate: Array, up: Array) -> Array:
-    """silu(gate) · up, elementwise, whose backward pass keeps only its two inputs.
+def _swiglu_cpu(gate: Array, up: Array) -> Array:
+    """silu(gate) · up, whose backward pass keeps only its two inputs.
 
     Plain autodiff saves sigmoid(gate) and silu(gate) as well: two more [B·T, mlp_dim] arrays per
     layer, each written and read again. Here the backward pass recomputes the sigmoid inside the
@@ -118,7 +131,7 @@ def swiglu(gate: Array, up: Array) -> Array:
 
 
 def _swiglu_fwd(gate, up):
-    return swiglu(gate, up), (gate, up)
+    return _swiglu_cpu(gate, up), (gate, up)
 
 
 def _swiglu_bwd(saved, grad):
@@ -129,7 +142,7 @@ def _swiglu_bwd(saved, grad):
     return grad * up * (sig + silu * (1 - sig)), grad * silu
 
 
-swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+_swiglu_cpu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 class MLP(nnx.Module):
