@@ -5,7 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # extras installed with the project: `make test EXTRAS=test,hf` adds torch + transformers for the
 # live comparisons of tests/test_hf_live.py (.ci/run does); without them those tests skip.
-EXTRAS ?= test
+# tpu: libtpu, for the TPU-compiler tests (tests/test_tpu_compile.py; they skip without it)
+EXTRAS ?= test,tpu
 PIP_ARGS ?=  # extra pip arguments for the install, e.g. a constraints file (.ci/run pins a CPU-only torch)
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))

@@ -198,7 +198,7 @@ def plan_config(config: Any, devices: list | None = None) -> tuple[Any, MemoryRe
     """Build `config`'s real train step on `devices` (default: all; TPU topology devices compile
     deviceless), compile it on abstract inputs and report. Returns (compiled, report, info)."""
     from lm import train
-    from lm.model import ModelConfig, param_count
+    from lm.model import ModelConfig, param_count, platform
     from lm.objectives import get as get_objective
     from lm.train.optim import make_optimizer
 
@@ -210,7 +210,8 @@ def plan_config(config: Any, devices: list | None = None) -> tuple[Any, MemoryRe
     setup = train.plan_state(model_cfg, optimizer, mesh, config.mesh.rules, config.seed)
     loss_fn = get_objective(config.objective).make_loss_fn(config, setup.graphdef)
     step = train.jit_train_step(train.make_train_step(loss_fn, optimizer, schedule, tc.micro_batches), setup)
-    compiled = compile_step(step, setup, tc.batch_size, tc.seq_len)
+    with platform.compiling_for(platform.mesh_platform(mesh)):  # kernels for the target, 1-chip meshes too
+        compiled = compile_step(step, setup, tc.batch_size, tc.seq_len)
     seconds = time.perf_counter() - t0
     capacity, source = capacity_and_source(config.mesh.device_memory_gib, mesh.devices.flat[0],
                                            config.mesh.get("slice", ""))
@@ -226,6 +227,8 @@ def tpu_devices(config: Any, topology: str = "") -> tuple[list, str]:
     'v5e:2x2'), times the number of slices its dcn_* sizes ask for. Needs libtpu (the `tpu` extra)."""
     from jax.experimental import topologies
 
+    # deviceless compiles touch no chip: let several processes (parallel tests, other users) load libtpu
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     if not topology:
         if not config.mesh.get("slice"):
             raise ValueError("--target=tpu needs the config's mesh.slice (e.g. 'v5p-128') or --topology=v5p:4x4x4")
@@ -265,7 +268,7 @@ def _main(argv: list[str]) -> int:
     flags.DEFINE_string("json", "", "Write the per-chip numbers to this JSON file.")
     flags.DEFINE_integer("devices", 0, "Virtual CPU devices to compile for; 0: the mesh's fixed size.")
     flags.DEFINE_integer("layers", 0, "Compile with this many layers (same widths), 0: the config's.")
-    flags.DEFINE_boolean("suggest", True, "When it does not fit, compile variants and print those that fit.")
+    flags.DEFINE_boolean("no_suggest", False, "Skip compiling variants when it does not fit (the Try: line).")
     try:
         flags.FLAGS(argv)
     except flags.Error as e:
@@ -299,7 +302,7 @@ def _main(argv: list[str]) -> int:
         print(line)
     print(f"  memory per chip from: {info['capacity_source']}")
     print(report.verdict)
-    if report.fits is False and flags.FLAGS.suggest:
+    if report.fits is False and not flags.FLAGS.no_suggest:
         tries = fitting.suggest(config, target_devices, report, log=print)
         print("Try: " + ("; ".join(tries) if tries else "nothing tried fits: a larger slice (more chips)"))
     if flags.FLAGS.json:
