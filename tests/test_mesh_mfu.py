@@ -33,7 +33,7 @@ def test_chip_tables_by_device_kind(kind, peak, hbm_gb):
 def test_slices_name_chips_and_topologies():
     assert devices.parse_slice("v5p-128") == (devices.TPU_V5P, 64)  # v5p counts TensorCores
     assert devices.parse_slice("v6e-64") == (devices.TPU_V6E, 64)
-    assert devices.topology_name("v5p-128") == "v5p:4x4x4" and devices.topology_name("v5p-32") == "v5p:2x2x4"
+    assert devices.topology_name("v5p-8") == "v5p:2x2x1" and devices.topology_name("v5p-128") == "v5p:4x4x4" and devices.topology_name("v5p-32") == "v5p:2x2x4"
     assert devices.topology_name("v6e-16") == "v6e:4x4" and devices.topology_name("v5litepod-8") == "v5e:2x4"
     assert devices.hbm_bytes("cpu", "v6e-16") == 32 * 10**9  # the slice name when the kind is unknown
     assert devices.peak_flops("cpu") is None and devices.hbm_bytes("cpu") is None

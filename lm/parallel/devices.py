@@ -99,7 +99,8 @@ def topology_name(slice_name: str) -> str:
         dims[i % 3] *= 2
         n //= 2
         i += 1
-    return f"{chip.name}:{'x'.join(map(str, sorted(dims)))}"
+    dims = sorted(dims, reverse=chips < 8)  # 2x2x1 below a cube, then 2x2x2, 2x2x4, 2x4x4, 4x4x4, ...
+    return f"{chip.name}:{'x'.join(map(str, dims))}"
 
 
 def peak_flops(device_kind: str) -> float | None:

@@ -10,14 +10,17 @@ and reports, per device:
     total            arguments + outputs − donated (aliased) + temporaries
 
 and raises `DoesNotFit` when the total exceeds `config.mesh.memory_fraction` of the device's
-memory (`config.mesh.device_memory_gib`, else what the device reports; CPUs report nothing,
-so there the check is skipped unless a size is configured).
+memory: `config.mesh.device_memory_gib`, else what the device reports, else the vendor's table
+by device kind or `mesh.slice` (lm/parallel/devices.py). Where none is known (a CPU) the verdict
+is "unknown", never "fits".
 
-The same code checks a TPU-sized config on this machine: `python -m lm.train.memory
---config=configs/llama_8b.py:v5p-128` compiles its real train step against a virtual CPU
-mesh of the slice's size (a subprocess with --xla_force_host_platform_device_count=N) —
-compile only, never run — and prints the report. CPU and TPU compilers fuse and lay out
-differently, so the temporaries are an estimate of the TPU's, not its measurement.
+`python -m lm.train.memory --config=configs/llama_8b.py:v5p-128 --target=tpu` compiles the
+config's real train step with the TPU compiler for the slice's topology — deviceless, on any
+machine with libtpu (the `tpu` extra) — and prints the report; `--target=cpu` compiles it
+against a virtual CPU mesh of the slice's size instead (a subprocess with
+--xla_force_host_platform_device_count=N; XLA:CPU fuses and lays out differently, so its
+temporaries are an estimate). When it does not fit, "Try:" lists changes whose recompiled step
+fits (lm/train/fitting.py). `--help` for the flags.
 """
 
 from __future__ import annotations
