@@ -1,12 +1,13 @@
 # The two commands:  make train  (the main job)  and  make test  (the test suite).
-# Both create .venv with the project and its test extra on first use.
+# Both create .venv with the project, its training stack (the `train` extra) and its test extra on first use.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# extras installed with the project: `make test EXTRAS=test,hf` adds torch + transformers for the
-# live comparisons of tests/test_hf_live.py (.ci/run does); without them those tests skip.
-# tpu: libtpu, for the TPU-compiler tests (tests/test_tpu_compile.py; they skip without it)
-EXTRAS ?= test,tpu
+# extras installed with the project: `make test EXTRAS=train,test,hf` adds torch + transformers for
+# the live comparisons of tests/test_hf_live.py (.ci/run does); without them those tests skip.
+# (No extras at all gives lm.losses and lm.masking only, on jax and numpy.)
+# tpu: libtpu, the TPU compiler, for tests/test_tpu_compile.py (they skip without it)
+EXTRAS ?= train,test,tpu
 PIP_ARGS ?=  # extra pip arguments for the install, e.g. a constraints file (.ci/run pins a CPU-only torch)
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
@@ -16,6 +17,7 @@ STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip uninstall --quiet --yes lm 2>/dev/null || true  # this project's distribution before it was lm-mle
 	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]' $(PIP_ARGS)
 	touch $(STAMP)
 

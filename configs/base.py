@@ -155,4 +155,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     s.top_k = 0  # 0: off
     s.top_p = 1.0  # 1: off
 
+    # -- the run's stated goal, checked and printed at the end (lm/io/report.py: target_verdict) ---------------
+    g = c.target = ml_collections.ConfigDict()
+    g.metric = ""  # a summary.json key, e.g. 'relative_gap'; "" states no target
+    g.max = ml_collections.FieldReference(None, field_type=float)  # met when summary[metric] <= max
+    g.min = ml_collections.FieldReference(None, field_type=float)  # met when summary[metric] >= min
+
     return c

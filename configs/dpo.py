@@ -37,6 +37,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.train.steps = 2000  # optimizer steps
         c.train.eval_every = 500  # steps between validation-loss passes
         c.optimizer.lr = 2e-4  # peak learning rate (1e-3 over-tilts: reward and KL above the optimum's)
+        c.target.metric = "fraction_of_optimal_gain"  # the goal: at least 0.9 of the exact optimum's gain
+        c.target.min = 0.9
     c.eval.evaluators = "markov_optimum"  # J(policy) vs J(π*) exactly (lm/evals/markov_optimum.py)
     e = c.eval.markov_optimum = ml_collections.ConfigDict()
     e.num_samples = 8192 if arg != "tiny" else 64  # prompts, one sampled continuation each, per model

@@ -228,6 +228,7 @@ def test_launcher_run_executes_in_order_and_stops_at_a_failure(tmp_path, monkeyp
     monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
     source = tmp_path / "src"
     source.mkdir()
+    (source / "pyproject.toml").write_text("")
     assert launch.main(ARGS + ["--run", f"--source_dir={source}", f"--tarball={tmp_path}/src.tgz"]) == 0
     lines = calls.read_text().splitlines()
     assert [line.split()[0] for line in lines] == ["tar", "gcloud", "gcloud", "gcloud"]

@@ -48,6 +48,11 @@ def test_run_directory_has_everything(tiny_run):
     config = json.load(open(os.path.join(workdir, "config.json")))
     assert config["train"]["steps"] == 8 and config["model"]["d_model"] == 32
     assert "memory per device: parameters" in proc.stdout and "temporaries" in proc.stdout
+    # where and on what, at the start; where everything went, at the end; the console kept
+    assert f"run directory: {workdir}" in proc.stdout and "platform: cpu, 1 × cpu" in proc.stdout
+    assert f"outputs in {workdir}: checkpoints checkpoints/, metrics metrics.jsonl" in proc.stdout
+    log = open(os.path.join(workdir, "console.log")).read()
+    assert "Bayes-optimal cross-entropy" in log and "platform: cpu" in log
 
 
 def test_a_step_that_cannot_fit_stops_before_training(tmp_path):
@@ -63,12 +68,20 @@ def test_rerun_resumes_without_duplicating_steps(tiny_run):
     assert "resumed from" in proc.stdout
     steps = [r["step"] for r in _metrics(workdir) if "loss" in r]
     assert steps == [2, 4, 6, 8, 10, 12]
+    # the changed key is printed and the first segment's config kept
+    assert "resuming with a changed config: 1 key(s) differ" in proc.stdout and "train.steps: 8 -> 12" in proc.stdout
+    assert json.load(open(os.path.join(workdir, "config_history", "config.step8.json")))["train"]["steps"] == 8
+    assert json.load(open(os.path.join(workdir, "config.json")))["train"]["steps"] == 12
 
 
 def test_unknown_config_key_names_the_close_match(tmp_path):
-    proc = _run(f"--workdir={tmp_path}", "--config.optimizer.lrr=0.1", check=False)
+    proc = _run(f"--workdir={tmp_path}/run", "--config.optimizer.lrr=0.1", check=False)
     assert proc.returncode != 0
-    assert 'Did you mean "lr"' in proc.stderr
+    assert 'Did you mean "lr"' in proc.stderr and "--config.optimizer.lrr" in proc.stderr
+    assert "Traceback" not in proc.stderr and "\\n" not in proc.stderr and len(proc.stderr.splitlines()) <= 2
+    proc = _run(f"--workdir={tmp_path}/run", "--config.optimizer.lr=-1", check=False)
+    assert proc.returncode == 1 and "optimizer.lr must be > 0, got -1.0" in proc.stderr
+    assert "Traceback" not in proc.stderr and not os.path.exists(tmp_path / "run")  # nothing written
 
 
 def test_impossible_values_fail_before_compiling(tmp_path):
@@ -91,6 +104,7 @@ def test_sweep_runs_each_point_and_gathers_a_table(tmp_path):
     rows = list(open(root / "results.csv"))
     assert len(rows) == 3 and all("done" in r for r in rows[1:])
     assert "lr=0.001" in (root / "results.md").read_text()
+    assert f"results table: {root}/results.md" in proc.stdout
     printed = subprocess.run([sys.executable, "-m", "lm.cli.sweep", str(exp), "--print_only"], cwd=REPO, env=env,
                              capture_output=True, text=True, timeout=60).stdout.splitlines()
     assert len(printed) == 2 and "--config.optimizer.lr=0.01" in printed[1]

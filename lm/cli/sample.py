@@ -163,4 +163,7 @@ def main(argv: Sequence[str] | None = None, *, stdin: TextIO = sys.stdin, out: T
 
 
 if __name__ == "__main__":
+    from lm.cli import errors
+
+    errors.install("lm.cli.sample")
     sys.exit(main())

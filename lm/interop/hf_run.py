@@ -35,7 +35,9 @@ HF_SUBDIR = "hf"
 
 def run_config(model_cfg, tokenizer_spec: str, add_bos: bool):
     """configs/base.py's config with the model fields of `model_cfg` and the given tokenizer."""
-    from configs import base
+    from lm.cli.config import configs_module
+
+    base = configs_module("base")  # configs/ is read from the checkout, not installed
 
     config = base.get_config()
     for field in dataclasses.fields(model_cfg):

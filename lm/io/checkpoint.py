@@ -2,6 +2,7 @@
 
 Layout of a run directory:
     config.json                      the resolved config (readable JSON, written by lm/cli/train.py)
+    config_history/config.step<N>.json  the config a resumed run had before (it trained up to step N)
     checkpoints/<step>/state/        the TrainState (orbax PyTree: step, params, opt_state, rng, …)
     checkpoints/<step>/data/process_<i>  each process's data iterator get_state() (JSON)
     checkpoints/<step>/meta/metadata step, time, a checksum of every array, counters (JSON)
@@ -22,6 +23,9 @@ Why it can be trusted:
 
 Restoring lays every array out as the target says (its `jax.ShapeDtypeStruct.sharding`), so a
 checkpoint written on one mesh or device count restores onto any other.
+
+Every path goes through lm/io/paths.py (etils.epath), so a run directory may be local or on
+an object store (gs://...).
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from lm.io import paths
+from lm.io.run_config import config_differences, read_config, write_config  # noqa: F401 (this module's API too)
 from lm.io.checksum import fingerprints, fingerprints_json, leaves_by_path, start_fingerprints
 
 TMP_MARK = ".orbax-checkpoint-tmp"  # orbax's suffix for a step directory still being written
@@ -70,11 +76,11 @@ def _log(msg: str) -> None:
 
 
 def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "checkpoints")
+    return str(paths.run_path(workdir) / "checkpoints")
 
 
 def _steps_in(directory: str) -> list[int]:
-    return sorted(int(n) for n in os.listdir(directory) if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+    return sorted(int(p.name) for p in paths.run_path(directory).iterdir() if p.name.isdigit() and p.is_dir())
 
 
 def find_checkpoints(path: str) -> tuple[str, int | None]:
@@ -83,17 +89,16 @@ def find_checkpoints(path: str) -> tuple[str, int | None]:
     `path` may be a run directory (holding checkpoints/), a checkpoints/ directory, or one
     step directory checkpoints/<step>. Errors name the path and what was expected there.
     """
-    path = os.path.abspath(os.path.expanduser(path))
-    if not os.path.exists(path):
+    path = paths.run_path(path)
+    if not path.exists():
         raise FileNotFoundError(f"checkpoint path {path} does not exist")
-    if not os.path.isdir(path) or not os.access(path, os.R_OK | os.X_OK):
+    if not path.is_dir() or (not paths.is_remote(path) and not os.access(path, os.R_OK | os.X_OK)):
         raise PermissionError(f"checkpoint path {path} is not a readable directory")
-    name = os.path.basename(path)
-    if name.isdigit() and os.path.isdir(os.path.join(path, "state")):
-        return os.path.dirname(path), int(name)
-    for directory in (os.path.join(path, "checkpoints"), path):
-        if os.path.isdir(directory) and _steps_in(directory):
-            return directory, None
+    if path.name.isdigit() and (path / "state").is_dir():
+        return str(path.parent), int(path.name)
+    for directory in (path / "checkpoints", path):
+        if directory.is_dir() and _steps_in(directory):
+            return str(directory), None
     raise FileNotFoundError(f"{path} holds no checkpoint: expected a run directory with checkpoints/<step>/, "
                             f"a checkpoints/ directory, or one checkpoints/<step>/ directory")
 
@@ -182,7 +187,7 @@ class CheckpointReader:
     """Restores from one checkpoints directory: the newest intact step, or a given one."""
 
     def __init__(self, directory: str, *, manager: ocp.CheckpointManager | None = None):
-        self.directory = os.path.abspath(directory)
+        self.directory = str(paths.run_path(directory))
         self.manager = manager or _manager(self.directory, read_only=True)
         self.broken: list[int] = []  # steps that failed in the last `restore` (newer than the one returned)
 
@@ -221,7 +226,7 @@ class CheckpointReader:
                                                 restore_args=ocp.checkpoint_utils.construct_restore_args(target))}
         if with_data:
             args["data"] = _DataRestore()
-        has_meta = os.path.isdir(os.path.join(path, "meta"))
+        has_meta = (paths.run_path(path) / "meta").is_dir()
         if has_meta:
             args["meta"] = _MetaRestore()
         restored = self.manager.restore(step, args=ocp.args.Composite(**args))
@@ -277,7 +282,7 @@ class Checkpointer(CheckpointReader):
     def __init__(self, workdir: str, *, keep: int, async_save: bool = True, config: Any = None,
                  save_delay_s: float = 0.0):
         directory = checkpoint_dir(workdir)
-        self.workdir = os.path.abspath(workdir)
+        self.workdir = str(paths.run_path(workdir))
         self.interrupted = self._find_interrupted(directory)
         for name in self.interrupted:
             _log(f"ignoring {os.path.join(directory, name)}: a checkpoint save that did not finish")
@@ -287,9 +292,10 @@ class Checkpointer(CheckpointReader):
 
     @staticmethod
     def _find_interrupted(directory: str) -> list[str]:
-        if jax.process_index() or not os.path.isdir(directory):
+        directory = paths.run_path(directory)
+        if jax.process_index() or not directory.is_dir():
             return []
-        return sorted(n for n in os.listdir(directory) if TMP_MARK in n)
+        return sorted(p.name for p in directory.iterdir() if TMP_MARK in p.name)
 
     def save(self, step: int, state: Any, data_state: dict | None, extra: dict | None = None) -> None:
         """Start writing `state` (+ data state, config, checksums) as step `step`; returns once the
@@ -306,8 +312,11 @@ class Checkpointer(CheckpointReader):
         if jax.process_index() == 0:
             for step in steps:
                 dest = os.path.join(self.workdir, BROKEN_DIR, f"{step}-{int(time.time())}")
-                os.makedirs(os.path.dirname(dest), exist_ok=True)
-                shutil.move(self.step_path(step), dest)
+                paths.run_path(dest).parent.mkdir(parents=True, exist_ok=True)
+                if paths.is_remote(dest):
+                    paths.run_path(self.step_path(step)).rename(dest)
+                else:
+                    shutil.move(self.step_path(step), dest)
                 moved.append(dest)
                 _log(f"moved the broken checkpoint of step {step} to {dest}")
         if jax.process_count() > 1:
@@ -356,20 +365,6 @@ def stored_param_shapes(path: str) -> tuple[str, int, dict[str, tuple]]:
     finally:
         reader.close()
     return directory, step, {k[len("params/"):]: tuple(v.shape) for k, v in stored.items() if k.startswith("params/")}
-
-
-def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-
-
-def read_config(workdir: str) -> ml_collections.ConfigDict:
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} does not exist: is {workdir!r} a run directory of lm?")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
 
 
 def load_for_inference(run_dir: str, step: int | None = None):

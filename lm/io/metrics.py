@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from lm.io import paths
 from lm.parallel import devices
+
 
 
 def peak_source(configured: float = 0.0) -> str:
@@ -57,18 +58,18 @@ class MetricsWriter:
 
     def __init__(self, workdir: str, *, wandb_cfg: Any = None, config: Any = None, resume_step: int = 0):
         self.enabled = jax.process_index() == 0
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = str(paths.run_path(workdir) / "metrics.jsonl")
         self.wandb = None
         if not self.enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
         truncate_after(self.path, resume_step)
-        self.file = open(self.path, "a")
+        self.file = paths.AppendFile(self.path)
         if wandb_cfg is not None and wandb_cfg.mode != "disabled":
             import wandb
 
-            self.wandb = wandb.init(project=wandb_cfg.project, name=wandb_cfg.name or os.path.basename(
-                os.path.abspath(workdir)), mode=wandb_cfg.mode, dir=workdir, resume="allow",
+            local = None if paths.is_remote(workdir) else workdir  # wandb's own files stay local
+            self.wandb = wandb.init(project=wandb_cfg.project, name=wandb_cfg.name or paths.run_path(workdir).name,
+                                    mode=wandb_cfg.mode, dir=local, resume="allow",
                 config=config.to_dict() if config is not None else None)
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
@@ -76,7 +77,6 @@ class MetricsWriter:
             return
         row = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
         self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
         if self.wandb is not None:
             self.wandb.log(row, step=int(step))
 
@@ -97,10 +97,10 @@ def _plain(v: Any) -> Any:
 
 def truncate_after(path: str, step: int) -> None:
     """Drop lines of a metrics file whose step is > `step` (they are about to be redone)."""
-    if not os.path.exists(path):
+    path = paths.run_path(path)
+    if not path.exists():
         return
-    with open(path) as f:
-        lines = f.readlines()
+    lines = path.read_text().splitlines(keepends=True)
 
     def keep(line: str) -> bool:  # a line cut off mid-write (crash, full disk) is dropped, not fatal
         try:
@@ -110,10 +110,8 @@ def truncate_after(path: str, step: int) -> None:
 
     kept = [line for line in lines if keep(line)]
     if len(kept) != len(lines):
-        with open(path, "w") as f:
-            f.writelines(kept)
+        path.write_text("".join(kept))
 
 
 def read_metrics(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in paths.read_text(path).splitlines() if line.strip()]

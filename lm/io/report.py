@@ -3,6 +3,7 @@ evaluations: lm/evals/)."""
 
 from __future__ import annotations
 
+import io
 import os
 import time
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from lm.io import metrics as mx
+from lm.io import paths
 
 
 def summarize(config: Any, model_cfg: Any, result: Any, source_info: dict) -> dict:
@@ -46,6 +48,21 @@ def summarize(config: Any, model_cfg: Any, result: Any, source_info: dict) -> di
     return summary
 
 
+# The metrics that say how an objective is doing, as its loss_fn / prepare_batch log them
+# (lm/evals/loss.py: summary_metrics turns `<name>_sum` into `<name>`), with their short names.
+HEADLINE = {"rl/reward_mean": "reward", "rl/kl_ref": "kl", "policy/clip_fraction": "clip",
+            "rewards/accuracies": "acc", "rewards/margins": "margin", "accuracy": "acc", "margin": "margin"}
+
+
+def headline(row: dict) -> dict[str, float]:
+    """{short name: value} of the HEADLINE metrics in a logged row (reward mean, KL, accuracy, ...)."""
+    out = {}
+    for key, name in HEADLINE.items():
+        if key in row and name not in out and isinstance(row[key], (int, float)):
+            out[name] = float(row[key])
+    return out
+
+
 def print_summary(summary: dict) -> None:
     if summary.get("valid_perplexity") is not None:
         print(f"validation cross-entropy: {summary['valid_ce']:.4f} nats/token "
@@ -61,6 +78,22 @@ def print_summary(summary: dict) -> None:
               f"(of the peak: {summary.get('mfu_peak', 'unknown')})")
 
 
+def target_verdict(config: Any, summary: dict) -> str | None:
+    """'target met: relative_gap = 0.0123 <= 0.02' (or 'NOT met', or 'cannot be checked'), or
+    None where the config states no target (config.target.metric empty or absent)."""
+    target = config.get("target") if hasattr(config, "get") else None
+    if not target or not target.get("metric"):
+        return None
+    metric, low, high = target.metric, target.get("min"), target.get("max")
+    bound = " and ".join(([f">= {low:g}"] if low is not None else []) + ([f"<= {high:g}"] if high is not None else []))
+    value = summary.get(metric)
+    if not isinstance(value, (int, float)) or not bound:
+        why = "no bound (target.min / target.max)" if not bound else f"summary.json has no {metric!r}"
+        return f"target {metric} {bound}: cannot be checked ({why})"
+    met = (low is None or value >= low) and (high is None or value <= high)
+    return f"target {'met' if met else 'NOT met'}: {metric} = {value:.4g} (stated: {bound})"
+
+
 def plot_loss(workdir: str, bound: float | None) -> str:
     """loss.png: training loss per logged step, validation points, and the bound if known."""
     import matplotlib
@@ -68,7 +101,7 @@ def plot_loss(workdir: str, bound: float | None) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = mx.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    rows = mx.read_metrics(str(paths.run_path(workdir) / "metrics.jsonl"))
     train = [(r["step"], r["loss"]) for r in rows if isinstance(r.get("loss"), float)]
     valid = [(r["step"], r["valid/nll"]) for r in rows if "valid/nll" in r]
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -84,10 +117,10 @@ def plot_loss(workdir: str, bound: float | None) -> str:
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
-    path = os.path.join(workdir, "loss.png")
-    fig.savefig(path, dpi=120)
+    image = io.BytesIO()
+    fig.savefig(image, dpi=120, format="png")
     plt.close(fig)
-    return path
+    return str(paths.write_bytes(paths.run_path(workdir) / "loss.png", image.getvalue()))
 
 
 def process_seconds() -> tuple[float, float] | None:

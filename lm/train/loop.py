@@ -35,6 +35,7 @@ import numpy as np
 from lm.io import checkpoint as ckpt
 from lm.train import memory
 from lm.io import metrics as mx
+from lm.io.report import headline
 from lm.train import preemption
 from lm.parallel import sharding as shd
 from lm import train
@@ -195,12 +196,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, model_cfg: ModelConf
         valid_batches: Callable[[], Iterable[dict]] | None, make_model: ModelFactory | None = None,
         frozen: dict[str, FrozenModel] | None = None, batch_kind: Any = "tokens",
         prepare_batch: PrepareBatch | None = None,
-        make_prepare_batch: Callable[[train.Setup], PrepareBatch] | None = None) -> RunResult:
+        make_prepare_batch: Callable[[train.Setup], PrepareBatch] | None = None,
+        on_ready: Callable[[], None] | None = None) -> RunResult:
     """Train `config` in `workdir`. make_model: what is trained (default: a Transformer of
     model_cfg); frozen: models the loss reads but never trains; batch_kind: what the train step
     reads (lm/data/batch.py: spec); prepare_batch: turns each global batch from the data into
     the step's batch with the current parameters (RL: rollouts), see `PrepareBatch`;
-    make_prepare_batch: builds it from the planned Setup (graphdefs, mesh) when it needs them."""
+    make_prepare_batch: builds it from the planned Setup (graphdefs, mesh) when it needs them;
+    on_ready: called once everything is validated and compiled and the start state restored,
+    before the first step (the caller writes config.json then: a run that fails validation
+    leaves no config behind, a resume that fails leaves the run's config.json as it was)."""
     tc = config.train
     mesh = shd.make_mesh(config.mesh)
     _validate(tc, mesh)
@@ -234,6 +239,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, model_cfg: ModelConf
     watcher = preemption.PreemptionWatcher().start()  # a SIGTERM while compiling stops after the first step
     try:
         state, start, skipped = initial_state(tc, checkpointer, setup, state, optimizer, train_iter)
+        if on_ready is not None:  # restored too: a checkpoint that does not fit leaves config.json as it was
+            on_ready()
         writer = mx.MetricsWriter(workdir, wandb_cfg=config.wandb, config=config, resume_step=start)
         eval_fn = train.make_eval_step(make_loss_fn(setup.graphdef), setup)
         peak = mx.peak_flops(tc.peak_flops)[0]  # MFU = (6N + causal attention) FLOPs/token × tokens/s
@@ -287,7 +294,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, model_cfg: ModelConf
                 writer.write(done, row)
                 history.append({"step": done, **row})
                 if bar is not None:
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+                    bar.set_postfix({"loss": f"{row['loss']:.4f}",  # the objective's headline metrics next
+                                     **{k: f"{v:.4g}" for k, v in headline(row).items()},
+                                     "tok_s": f"{tok_s:,.0f}"}, refresh=False)
             if bar is not None:
                 bar.update(1)
             if tc.inject.step_delay_s:
