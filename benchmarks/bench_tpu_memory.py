@@ -46,12 +46,12 @@ def compile_row(config, topology: str = "") -> dict:
             "t2": t_squared_arrays(compiled.as_text(), config.train.seq_len)}
 
 
-def attention(layers: int) -> None:
+def attention(layers: int, seqs=(8192, 32768), impls=("dense", "splash")) -> None:
     print(f"llama_8b widths, {layers} layers, 4 rows (one per chip) on v5p:2x2x1, fsdp 4, remat full, bf16\n")
     print("| T | attention | temporaries / chip (GiB) | total / chip (GiB) | T×T arrays in HLO | compile (s) |")
     print("|---:|---|---:|---:|---:|---:|")
-    for t in (8192, 32768):
-        for impl in ("dense", "splash"):
+    for t in seqs:
+        for impl in impls:
             c = llama_8b.get_config("v5p-128")
             c.model.num_layers, c.model.attention_impl, c.model.attention_block = layers, impl, 0
             c.mesh.fsdp, c.train.batch_size, c.train.seq_len = 4, 4, t
@@ -115,12 +115,16 @@ def main() -> None:
     ap.add_argument("what", choices=["attention", "remat", "configs"])
     ap.add_argument("--layers", type=int, default=None, help="layers compiled (configs: 0 = full depth)")
     ap.add_argument("--only", default="", help="configs: comma-separated slice arguments (default: all)")
+    ap.add_argument("--seqs", default="8192,32768", help="attention: sequence lengths")
+    ap.add_argument("--impls", default="dense,splash", help="attention: implementations")
     args = ap.parse_args()
     layers = args.layers if args.layers is not None else (0 if args.what == "configs" else 2)
     if args.what == "configs":
         configs(layers, args.only)
+    elif args.what == "attention":
+        attention(layers, [int(t) for t in args.seqs.split(",")], args.impls.split(","))
     else:
-        {"attention": attention, "remat": remat}[args.what](layers)
+        remat(layers)
 
 
 if __name__ == "__main__":
