@@ -99,7 +99,7 @@ def _loss_and_grad(policy):
 def test_remat_policies_change_no_number():
     """What is saved or recomputed changes memory, never the loss or the gradient."""
     ref_loss, ref_grad = _loss_and_grad("none")
-    for policy in ("full", "save_out_proj", "offload"):
+    for policy in ("full", "offload"):  # nothing saved; the named residuals (on host where it has one)
         loss, grad = _loss_and_grad(policy)
         np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grad, ref_grad)
