@@ -7,7 +7,8 @@ PY := $(VENV)/bin/python
 # the live comparisons of tests/test_hf_live.py (.ci/run does); without them those tests skip.
 # (No extras at all gives lm.losses and lm.masking only, on jax and numpy.)
 # curate: Apache Beam etc. for lm/data/curate and tests/test_curate*.py
-EXTRAS ?= train,test,curate
+# tpu: libtpu, the TPU compiler, for tests/test_tpu_compile.py (they skip without it)
+EXTRAS ?= train,test,curate,tpu
 PIP_ARGS ?=  # extra pip arguments for the install, e.g. a constraints file (.ci/run pins a CPU-only torch)
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))

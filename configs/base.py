@@ -32,7 +32,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.norm_eps = 1e-6  # RMSNorm epsilon
     m.tie_embeddings = True  # output projection = token embedding transposed
     m.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16' (parameters stay float32)
-    m.remat = False  # recompute block activations in the backward pass (saves memory)
+    m.remat = "none"  # what each block keeps for its backward pass (lm/model/remat.py): 'none' (everything),
+    # 'full' (its input only: recompute the block), 'save_qkv_proj', 'save_out_proj', 'save_dots', 'offload' (host)
     m.scan_layers = True  # lax.scan over the stacked blocks; False unrolls them (longer compile, faster on CPU)
     m.attention_block = 64  # causal attention in blocks of this many queries, skipping masked key blocks; 0: off
     m.attention_impl = "auto"  # auto | dense | blockwise | splash | cudnn | pallas_gpu (lm/model/attention_ops.py);
@@ -115,6 +116,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     mesh.data = -1  # data-parallel axis size; -1: the devices left over
     mesh.fsdp = 1  # parameter/optimizer-state sharding axis (ZeRO-3 style)
     mesh.tensor = 1  # tensor-parallel axis (heads, MLP width, vocabulary)
+    # several slices (multi-slice TPU over DCN, GPU hosts): each axis's size across slices; the mesh axis
+    # is then data × dcn_data etc. (lm/parallel/sharding.py: make_mesh). 1: one slice
+    mesh.dcn_data = 1  # data parallelism across slices (the usual choice: one gradient all-reduce per step)
+    mesh.dcn_fsdp = 1  # parameter sharding across slices (all-gathers over DCN every layer: rarely worth it)
+    mesh.dcn_tensor = 1  # tensor parallelism across slices (never worth it; kept for completeness)
+    mesh.slice = ""  # the Cloud TPU slice the config is for ('v5p-128'): `lm.train.memory --target=tpu` compiles
+    # for its topology and takes its HBM from lm/parallel/devices.py; '' none
     # logical parameter axis -> mesh axis (or None: replicated). See lm/parallel/sharding.py.
     mesh.rules = ml_collections.ConfigDict({
         "vocab": "tensor", "embed": "fsdp", "heads": "tensor", "kv_heads": "tensor",

@@ -4,7 +4,8 @@
         --config.data.array_record.train_files='gs://bucket/shards/train-*.array_record'
 
 Not run here (no TPU); the test suite builds its shapes with jax.eval_shape and checks the
-sharded per-device footprint. Arguments pick the slice:
+sharded per-device footprint; `python -m lm.train.memory --config=configs/llama_1b.py:<slice>
+--target=tpu` compiles its train step with the TPU compiler (docs/tpu.md). Arguments pick the slice:
   v5p-32  16 chips (95 GB HBM each): FSDP over all 16
   v6e-16  16 chips (32 GB HBM each): FSDP 8 × tensor 2
 Data: tokenize a corpus once with `python -m lm.data.prepare` (ArrayRecord shards) using a
@@ -35,7 +36,7 @@ def get_config(arg: str | None = None):
     m.norm_eps = 1e-5
     m.tie_embeddings = True
     m.dtype = "bfloat16"
-    m.remat = True
+    m.remat = "full"
     m.attention_block = 512  # causal blocks: a T×T attention does ~(1 + 512/T)/2 of its score work
     m.init_scale = 1.0
 
@@ -56,10 +57,10 @@ def get_config(arg: str | None = None):
     c.train.checkpoint_every = 1000
     c.train.keep_checkpoints = 3
     c.train.progress_bar = False
-    c.train.peak_flops = 459e12 if slice_name.startswith("v5p") else 918e12  # bf16 peak per chip
 
     for k, v in SLICES[slice_name].items():
         c.mesh[k] = v
+    c.mesh.slice = slice_name  # HBM per chip from lm/parallel/devices.py; the TPU compiler's topology
     if slice_name.startswith("v6e"):  # 32 GB HBM: full-batch temporaries need 81 GiB, 8 micro-batches 12 GiB
         c.train.micro_batches = 8
     c.distributed.auto = True

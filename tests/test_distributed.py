@@ -152,7 +152,7 @@ def test_report_counts_the_sharded_state_and_the_compiled_temporaries(fsdp_step)
     assert 1.9 * report.params <= report.opt_state <= 2.1 * report.params + 64  # Adam's mu and nu
     assert report.temporaries > 0 and report.aliased >= report.params + report.opt_state  # the state is donated
     assert report.total == report.arguments + report.outputs - report.aliased + report.temporaries
-    assert report.fits and "temporaries" in report.lines()[0]
+    assert report.fits is None and "temporaries" in report.lines()[0]  # a CPU reports no memory: unknown, not "fits"
 
 
 def test_too_small_a_device_fails_early_with_the_numbers(fsdp_step):

@@ -162,7 +162,7 @@ def test_parameter_and_flop_counts(tie):
     assert matmul_params(cfg) == layers * (d * hd * (2 * h + 2 * k) + 3 * d * f) + d * v
     flops = flops_per_token(cfg, seq_len=16)
     assert flops["model"] == 6 * matmul_params(cfg)
-    assert flops["attention"] == 12 * layers * 16 * h * hd
+    assert flops["attention"] == 12 * layers * 16 * h * hd / 2  # causal: half of the T×T products
 
 
 def test_hidden_states_then_projection_equals_logits(model):

@@ -16,24 +16,28 @@ import jax
 import jax.numpy as jnp
 
 from lm.io import paths
+from lm.parallel import devices
 
 
-# Dense bf16 peak FLOP/s per chip from the vendors' spec sheets, by jax `device_kind` prefix.
-KNOWN_PEAKS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
-               "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12, "NVIDIA H100": 989e12,
-               "NVIDIA H200": 989e12, "NVIDIA A100": 312e12}
+
+def peak_source(configured: float = 0.0) -> str:
+    """Where `peak_flops(configured)` takes its number from, without measuring anything."""
+    kind = jax.devices()[0].device_kind
+    if configured:
+        return "train.peak_flops"
+    if devices.peak_flops(kind):
+        return f"vendor bf16 peak of {kind}"
+    return f"measured: float32 matmul on {kind}"
 
 
 def peak_flops(configured: float = 0.0) -> tuple[float, str]:
-    """(peak FLOP/s per device, where it came from): the config's value, a known accelerator's
-    spec-sheet peak, or (CPU and unknown devices) a matmul measured now."""
+    """(peak FLOP/s per device, where it came from): the config's value, the vendor's dense bf16
+    peak of a known accelerator (lm/parallel/devices.py), or (CPU and unknown devices) a matmul
+    measured now."""
+    source = peak_source(configured)
     if configured:
-        return configured, "config"
-    kind = jax.devices()[0].device_kind
-    for prefix, value in sorted(KNOWN_PEAKS.items(), key=lambda kv: -len(kv[0])):
-        if kind.startswith(prefix):
-            return value, f"spec sheet of {kind}"
-    return measure_peak_flops(), f"float32 matmul measured on {kind}"
+        return configured, source
+    return devices.peak_flops(jax.devices()[0].device_kind) or measure_peak_flops(), source
 
 
 def measure_peak_flops(n: int = 2048, repeats: int = 5) -> float:

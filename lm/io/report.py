@@ -35,6 +35,7 @@ def summarize(config: Any, model_cfg: Any, result: Any, source_info: dict) -> di
         speeds = [r["tokens_per_s"] for r in train_rows[1:]] or [last["tokens_per_s"]]
         summary["tokens_per_s"] = float(np.median(speeds))
         summary["mfu"] = float(np.median([r["mfu"] for r in train_rows[1:]] or [last["mfu"]]))
+        summary["mfu_peak"] = mx.peak_source(config.train.peak_flops)  # the MFU's denominator
         summary["scored_tokens_per_step"] = float(np.mean([r["tokens"] for r in train_rows if "tokens" in r]))
     times = process_seconds()
     if times is not None:
@@ -73,7 +74,8 @@ def print_summary(summary: dict) -> None:
         print(f"difference (KL left to learn): {summary['kl_gap']:.4f} nats/token "
               f"({100 * summary['relative_gap']:.2f}% of the bound)")
     if "tokens_per_s" in summary:
-        print(f"throughput: {summary['tokens_per_s']:,.0f} tokens/s, MFU {100 * summary['mfu']:.1f}%")
+        print(f"throughput: {summary['tokens_per_s']:,.0f} tokens/s, MFU {100 * summary['mfu']:.1f}% "
+              f"(of the peak: {summary.get('mfu_peak', 'unknown')})")
 
 
 def target_verdict(config: Any, summary: dict) -> str | None:

@@ -11,6 +11,7 @@
     counting.py     parameter and FLOP counts
     lora.py         low-rank adapters and the weight products every projection goes through
     quant.py        int8 / NF4 frozen weights (QLoRA's base)
+    remat.py        the named rematerialization policies (model.remat)
 """
 
 from lm.model.attention import Attention, attend, cache_sizes

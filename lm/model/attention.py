@@ -11,6 +11,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from lm import masking
 from lm.model import lora
@@ -79,7 +80,7 @@ class Attention(nnx.Module):
         cfg = self.cfg
         b, t, d = x.shape
         h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim_
-        q, k, v = self.project_qkv(x.reshape(b * t, d))
+        q, k, v = checkpoint_name(self.project_qkv(x.reshape(b * t, d)), "qkv_proj")  # remat tags: lm/model/remat.py
         q, k, v = q.reshape(b, t, h, hd), k.reshape(b, t, kv, hd), v.reshape(b, t, kv, hd)
         q = constrain(q, ("batch", "length", "heads", "head_dim"))  # [B, T, H, hd]
         k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
@@ -101,7 +102,7 @@ class Attention(nnx.Module):
             out, new_cache = self._attend_cached(group_heads(q, kv), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
                                                  q_segment_ids, q_index, kv_cache, kv_segment_ids, cache_index)
             out = ungroup_heads(out)
-        return self.project_out(out.reshape(b * t, h * hd)).reshape(b, t, d), new_cache
+        return checkpoint_name(self.project_out(out.reshape(b * t, h * hd)), "out_proj").reshape(b, t, d), new_cache
 
     def _attend_cached(self, q, k, v, q_segment_ids, q_index, kv_cache, kv_segment_ids, cache_index):
         """The queries attend to the cache as it was (slots before cache_index) and to the T new

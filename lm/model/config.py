@@ -25,7 +25,8 @@ class ModelConfig:
     norm_eps: float = 1e-6
     tie_embeddings: bool = True
     dtype: str = "float32"  # compute dtype; parameters are always float32
-    remat: bool = False  # recompute each block's activations in the backward pass
+    remat: bool | str = False  # what each block keeps for the backward pass: a policy of lm/model/remat.py
+    # ('none', 'full', 'save_qkv_proj', 'save_out_proj', 'save_dots', 'offload'); True/False = 'full'/'none'
     attention_block: int = 0  # training attention in causal blocks of this many queries, skipping
     # the key blocks after each (exact; ~(1 + c/T)/2 of the score work); 0: one T×T block
     attention_impl: str = "auto"  # training/prefill attention: auto | dense | blockwise | splash | cudnn |
@@ -75,6 +76,11 @@ class ModelConfig:
                             f"rope_high_freq_factor and rope_original_max_position > 0, got {self.rope_factor}, "
                             f"{self.rope_low_freq_factor}, {self.rope_high_freq_factor}, "
                             f"{self.rope_original_max_position}")
+        try:
+            from lm.model.remat import canonical
+            canonical(self.remat)
+        except ValueError as e:
+            problems.append(str(e))
         if self.dtype not in DTYPES:
             problems.append(f"model.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if problems:

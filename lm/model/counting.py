@@ -25,12 +25,17 @@ def matmul_params(cfg: ModelConfig) -> int:
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
-    """Training FLOPs per token (forward + backward = 3 × forward, 2 FLOPs per multiply-add).
+    """Training FLOPs per token (forward + backward = 3 × forward, 2 FLOPs per multiply-add):
 
-    `model`: 6 · matmul_params, the usual 6N. `attention`: 12 · L · T · H · hd for the
-    score and value products (full T×T, as in the PaLM accounting; causal masking would
-    halve the useful part). `total` is their sum.
+        model      = 6 · N,                    N = matmul_params (the usual 6N)
+        attention  = ½ · 12 · L · T · d_attn,  d_attn = H · hd (query heads × head dim)
+
+    The attention term counts the score product QKᵀ and the value product PV, 2·T·d_attn
+    multiply-adds per token and layer forward, ×3 for the backward pass, ×2 FLOPs each = 12·L·T·d_attn
+    for a full T×T product; a causal mask leaves half of it useful work (PaLM's accounting, with
+    the causal half). `total` is their sum: the MFU numerator. FLOPs recomputed by remat are not
+    counted (that would be hardware FLOPs utilization, not model FLOPs).
     """
     model = 6.0 * matmul_params(cfg)
-    attention = 12.0 * cfg.num_layers * seq_len * cfg.num_heads * cfg.head_dim_
+    attention = 0.5 * 12.0 * cfg.num_layers * seq_len * cfg.num_heads * cfg.head_dim_
     return {"model": model, "attention": attention, "total": model + attention}

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lm.model import cache as kv_cache
+from lm.model import remat
 from lm.model.attention import Attention
 from lm.model.config import ModelConfig
 from lm.model.hints import constrain
@@ -98,8 +99,9 @@ class Transformer(nnx.Module):
             block = nnx.merge(graphdef, params)
             return block(h, positions, segment_ids, q_index, layer_cache, kv_segment_ids, cache_index)
 
-        if self.cfg.remat:
-            step = jax.checkpoint(step, policy=jax.checkpoint_policies.nothing_saveable)
+        policy = remat.policy(self.cfg.remat)
+        if policy is not None:
+            step = jax.checkpoint(step, policy=policy)
         if layer_caches is not None:  # cached (prefill, decoding): the stacked cache updated in place
             return self._scan_cached(step, x, stacked, layer_caches, cache_index, x.shape[1], self.cfg.scan_layers)
         if self.cfg.scan_layers:

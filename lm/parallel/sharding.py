@@ -6,9 +6,16 @@ The mesh has three named axes:
   tensor  tensor parallelism: heads, MLP width and vocabulary split.
 The batch is split over (data, fsdp). A parameter's sharding comes from its
 `logical_axes` metadata (set in lm/model/) through `rules`: logical name → mesh
-axis or None. A mesh axis is used at most once per parameter, and only where it
-divides the dimension; otherwise that dimension stays replicated. One code path
-serves every mesh, the 1-device mesh included.
+axis or None. A mesh axis is used at most once per parameter; a mesh axis of size > 1
+that does not divide the dimension it is asked to shard is an error naming the
+parameter, the dimension and the axis (change the mesh, or map that logical name
+to None to replicate it). One code path serves every mesh, the 1-device mesh included.
+
+Several slices (multi-slice TPU, several GPU hosts): each mesh axis is the product of
+its size within a slice (ICI, `mesh.data` …) and its size across slices (DCN,
+`mesh.dcn_data` …); `make_mesh` orders the devices with
+`mesh_utils.create_hybrid_device_mesh` so that the DCN part is the outer, slow one.
+Put data (or fsdp) parallelism across slices, tensor parallelism never.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -46,31 +54,77 @@ def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, int, in
     return tuple(shape)
 
 
-def make_mesh(sizes: Mapping[str, int], devices: list | None = None) -> Mesh:
-    """A Mesh with axes (data, fsdp, tensor) over `devices` (default: all of them)."""
-    devices = jax.devices() if devices is None else devices
-    shape = mesh_shape(sizes, len(devices))
+def dcn_shape(sizes: Mapping[str, int]) -> tuple[int, int, int]:
+    """The mesh's sizes across slices: (dcn_data, dcn_fsdp, dcn_tensor), 1 where not given."""
+    shape = tuple(int(sizes.get(f"dcn_{a}", 1) or 1) for a in MESH_AXES)
+    if any(s < 1 for s in shape):
+        raise ValueError(f"mesh: dcn_* sizes must be >= 1, got {dict(zip(MESH_AXES, shape))}")
+    return shape
+
+
+def _granules(devices: list, count: int) -> list[list]:
+    """`devices` in `count` groups (slices): by slice_index where the devices have several, else by
+    process, else (one process of virtual devices) in equal consecutive blocks."""
+    for attr in ("slice_index", "process_index"):
+        keys = sorted({getattr(d, attr, None) for d in devices}, key=lambda k: (k is None, k))
+        if len(keys) == count and None not in keys:
+            return [[d for d in devices if getattr(d, attr) == k] for k in keys]
+    if len(devices) % count:
+        raise ValueError(f"mesh: {len(devices)} devices do not split into {count} slices")
+    n = len(devices) // count
+    return [list(devices[i * n:(i + 1) * n]) for i in range(count)]
+
+
+def _physical_mesh(shape: tuple[int, ...], devices: list) -> np.ndarray:
     try:
-        array = jax.experimental.mesh_utils.create_device_mesh(shape, devices=devices)
+        return mesh_utils.create_device_mesh(shape, devices=devices)
     except Exception:  # noqa: BLE001 — non-physical shapes (e.g. virtual CPU devices): plain order
-        array = np.asarray(devices).reshape(shape)
+        return np.asarray(devices).reshape(shape)
+
+
+def make_mesh(sizes: Mapping[str, int], devices: list | None = None) -> Mesh:
+    """A Mesh with axes (data, fsdp, tensor) over `devices` (default: all of them). With dcn_* sizes
+    (several slices), axis a has size sizes[a] × sizes['dcn_' + a], slices outermost."""
+    devices = jax.devices() if devices is None else devices
+    dcn = dcn_shape(sizes)
+    slices = math.prod(dcn)
+    if slices == 1:
+        return Mesh(_physical_mesh(mesh_shape(sizes, len(devices)), devices), MESH_AXES)
+    if len(devices) % slices:
+        raise ValueError(f"mesh: {len(devices)} devices do not split into {slices} slices "
+                         f"(dcn sizes {dict(zip(MESH_AXES, dcn))})")
+    ici = mesh_shape(sizes, len(devices) // slices)
+    try:  # real slices: the devices say which slice they are on
+        array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices)
+    except Exception:  # noqa: BLE001 — virtual devices / one process: the same layout by hand
+        blocks = [_physical_mesh(ici, g) for g in _granules(devices, slices)]
+        grid = np.empty(dcn, dtype=object)
+        for i, index in enumerate(np.ndindex(*dcn)):
+            grid[index] = blocks[i]
+        array = np.block(grid.tolist())
     return Mesh(array, MESH_AXES)
 
 
 def logical_to_spec(logical_axes: tuple[str | None, ...], shape: tuple[int, ...],
-                    rules: Mapping[str, str | None], mesh: Mesh) -> P:
-    """PartitionSpec for one parameter: each logical axis through `rules`, skipping mesh axes
-    already used or of size 1, and any that do not divide the dimension."""
+                    rules: Mapping[str, str | None], mesh: Mesh, param: str = "a parameter") -> P:
+    """PartitionSpec for one parameter (named `param` in errors): each logical axis through
+    `rules`, skipping mesh axes already used or of size 1. A mesh axis that does not divide its
+    dimension is a ValueError naming the parameter, the dimension and the axis."""
     if len(logical_axes) != len(shape):
-        raise ValueError(f"logical axes {logical_axes} do not match shape {shape}")
+        raise ValueError(f"{param}: logical axes {logical_axes} do not match shape {shape}")
     used: set[str] = set()
     spec = []
-    for name, dim in zip(logical_axes, shape):
+    for i, (name, dim) in enumerate(zip(logical_axes, shape)):
         if name is not None and name not in rules:
-            raise KeyError(f"no sharding rule for logical axis {name!r}; rules: {dict(rules)}")
+            raise KeyError(f"no sharding rule for logical axis {name!r} of {param}; rules: {dict(rules)}")
         axis = None if name is None else rules[name]
-        if axis is not None and (axis in used or mesh.shape[axis] == 1 or dim % mesh.shape[axis]):
+        if axis is not None and (axis in used or mesh.shape[axis] == 1):
             axis = None
+        if axis is not None and dim % mesh.shape[axis]:
+            raise ValueError(
+                f"sharding: {param} {tuple(shape)}: dimension {i} ({name!r}, size {dim}) is not divisible by "
+                f"mesh axis {axis!r} of size {mesh.shape[axis]}; change the mesh sizes (mesh.{axis}) or "
+                f"replicate it with mesh.rules.{name}=None")
         if axis is not None:
             used.add(axis)
         spec.append(axis)
@@ -88,10 +142,15 @@ def logical_axes_tree(abstract_state: Any) -> Any:
     return nnx.to_pure_dict(pure) if not isinstance(pure, dict) else pure
 
 
+def _dotted(path) -> str:
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
 def param_shardings(axes_tree: Any, shapes_tree: Any, rules: Mapping[str, str | None], mesh: Mesh) -> Any:
     """NamedSharding per parameter, from a tree of logical-axis tuples and a matching tree of shapes."""
-    return jax.tree.map(
-        lambda axes, x: NamedSharding(mesh, logical_to_spec(axes, x.shape, rules, mesh)),
+    return jax.tree_util.tree_map_with_path(
+        lambda path, axes, x: NamedSharding(mesh, logical_to_spec(axes, x.shape, rules, mesh,
+                                                                  f"parameter {_dotted(path)}")),
         axes_tree, shapes_tree, is_leaf=lambda x: isinstance(x, tuple))
 
 

@@ -5,7 +5,9 @@
     init.py        parameters from another run (init_from) and for frozen models
     loop.py        the loop: start or resume, step, log, evaluate, checkpoint, stop cleanly
     optim.py       AdamW with warmup + cosine, global-norm clipping
-    memory.py      per-device memory of a compiled step; a clear failure when it cannot fit
+    memory.py      per-device memory of a compiled step; a clear failure when it cannot fit;
+                   `python -m lm.train.memory --target=tpu` (the TPU compiler, deviceless)
+    fitting.py     the changes that make a step fit, each compiled and measured (the "Try:" line)
     lora.py        config.lora: adapters as the parameters, the base a frozen model, reference = adapters off
     preemption.py  SIGTERM/SIGINT: finish the step, checkpoint, exit cleanly
 """

@@ -248,8 +248,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, model_cfg: ModelConf
             on_ready()
         writer = mx.MetricsWriter(workdir, wandb_cfg=config.wandb, config=config, resume_step=start)
         eval_fn = train.make_eval_step(make_loss_fn(setup.graphdef), setup)
-        peak = tc.peak_flops or mx.measure_peak_flops()
-        flops_tok = flops_per_token(model_cfg, tc.seq_len)
+        peak = mx.peak_flops(tc.peak_flops)[0]  # MFU = (6N + causal attention) FLOPs/token × tokens/s
+        flops_tok = flops_per_token(model_cfg, tc.seq_len)  # / (peak × devices); lm/model/counting.py
         tokens_per_step = tc.batch_size * tc.seq_len
         bad = BadSteps(tc.max_bad_steps, skipped)
 
@@ -292,7 +292,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, model_cfg: ModelConf
                 tok_s = tokens_per_step * (done - step_last) / (now - t_last)
                 t_last, step_last = now, done
                 row = {k: float(v) for k, v in metrics.items()}
-                row.update(tokens_per_s=tok_s, mfu=flops_tok["model"] * tok_s / (peak * jax.device_count()))
+                row.update(tokens_per_s=tok_s, mfu=flops_tok["total"] * tok_s / (peak * jax.device_count()))
                 counts = getattr(train_iter, "error_counts", None)
                 if callable(counts):
                     row.update({f"data/skipped_{k}": v for k, v in counts().items()})
