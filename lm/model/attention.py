@@ -140,35 +140,3 @@ def _write_cache(kv_cache, k, v, cache_index):
     ck, cv = kv_cache
     return (jax.lax.dynamic_update_slice(ck, k.swapaxes(2, 3).astype(ck.dtype), (0, 0, 0, cache_index)),
             jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, cache_index, 0)))
-
-
-def _write_cache(kv_cache, k, v, cache_index):
-    """The cache (keys `[B, K, hd, S]`, values `[B, K, S, hd]`) with `k, v [B, K, T, hd]` written
-    at slots cache_index .. cache_index+T−1."""
-    ck, cv = kv_cache
-    return (jax.lax.dynamic_update_slice(ck, k.swapaxes(2, 3).astype(ck.dtype), (0, 0, 0, cache_index)),
-            jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, cache_index, 0)))
-
-
-def attend(q: Array, blocks: list[tuple[Array, Array, Array, bool]]) -> Array:
-    """Softmax attention of (pre-scaled) queries `q [B, K, T, G, hd]` over the keys and values of
-    all `blocks` together, each `(k, v [B, K, S_i, hd], mask [B, T, S_i], keys_transposed)` (mask
-    True = may attend; keys_transposed: k is `[B, K, hd, S_i]`, as the decode cache keeps it): one
-    softmax over the concatenated key axis. Scores and softmax in float32. → [B, K, T, G, hd].
-
-    Every product is a dot, also for one query per row (decoding): on a CPU, products summed by
-    hand wrote the whole [hd, S] product out before reducing it (8 layers over 528 slots: 0.48
-    against 0.35 ms as dots; benchmarks/README.md)."""
-    f32 = jnp.float32
-    masked = [jnp.where(mask[:, None, :, None, :],
-                        jnp.einsum("bktgd,bkds->bktgs" if transposed else "bktgd,bksd->bktgs", q, k,
-                                   preferred_element_type=f32),
-                        jnp.finfo(f32).min)
-              for k, _, mask, transposed in blocks]
-    probs = jax.nn.softmax(jnp.concatenate(masked, axis=-1) if len(masked) > 1 else masked[0], axis=-1)
-    out, start = 0, 0
-    for _, v, _, _ in blocks:
-        stop = start + v.shape[2]
-        out = out + jnp.einsum("bktgs,bksd->bktgd", probs[..., start:stop].astype(v.dtype), v)
-        start = stop
-    return out
