@@ -103,12 +103,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     lo.alpha = 16.0  # α: the adapter term is scaled by α/r (α/√r with rslora)
     lo.rslora = False  # rank-stabilized scaling α/√r instead of α/r
     lo.dropout = 0.0  # adapter dropout; only 0 is supported (the forward pass takes no rng)
-    # projections that get adapters: names from q, k, v, o, gate, up, down (or q_proj, …), 'attention',
-    # 'mlp', 'all', or regexes over the names; comma-separated
-    lo.targets = "all"
-    # how the frozen base is held: 'float32', 'bfloat16', or the projections in 'int8' / 'nf4' (QLoRA: NF4
-    # codes, absmax per block, the block scales double-quantized) with the rest in bfloat16
-    lo.base_dtype = "bfloat16"
+    lo.targets = "all"  # projections that get adapters: names from q, k, v, o, gate, up, down (or q_proj,
+    # …), 'attention', 'mlp', 'all', or regexes over the names; comma-separated
+    lo.base_dtype = "bfloat16"  # how the frozen base is held: 'float32', 'bfloat16', or the projections in
+    # 'int8' / 'nf4' (QLoRA: NF4 codes, absmax per block, the block scales double-quantized), the rest bfloat16
     lo.block_size = 64  # int8 / nf4: weights per absmax block along a projection's input axis
 
     # -- device mesh (lm/parallel/sharding.py) --------------------------------------------------------------

@@ -79,7 +79,14 @@ def test_non_finite_step_is_skipped_and_counted(markov):
     batch["loss_mask"] = batch["loss_mask"] * np.float32(np.nan)
     state, m = step(state, train.global_batch(batch, setup.mesh))
     assert int(m["skipped"]) == 1 and int(state.bad_steps) == 1 and int(state.step) == 2
-    jax.tree.map(np.testing.assert_array_equal, (state.params, state.opt_state), before)
+    # params and moments untouched; the optimizer's step counts advance with state.step (issue 28:
+    # the schedule, the logged step and optax agree after a skipped step)
+    def unchanged_or_counted(new, old):
+        if np.issubdtype(np.asarray(new).dtype, np.integer):
+            assert int(new) == int(state.step), (new, state.step)
+        else:
+            np.testing.assert_array_equal(new, old)
+    jax.tree.map(unchanged_or_counted, (state.params, state.opt_state), before)
     state, m = step(state, train.global_batch(markov_batch(markov, 4, 4, 16), setup.mesh))
     assert int(m["skipped"]) == 0 and int(state.bad_steps) == 0
 

@@ -25,7 +25,7 @@ class ModelConfig:
     norm_eps: float = 1e-6
     tie_embeddings: bool = True
     dtype: str = "float32"  # compute dtype; parameters are always float32
-    remat: bool | str = False  # what each block keeps for the backward pass: a policy of lm/model/remat.py
+    remat: bool | str = "none"  # what each block keeps for the backward pass: a policy of lm/model/remat.py
     # ('none', 'full', 'save_qkv_proj', 'save_out_proj', 'save_dots', 'offload'); True/False = 'full'/'none'
     attention_block: int = 0  # training attention in causal blocks of this many queries, skipping
     # the key blocks after each (exact; ~(1 + c/T)/2 of the score work); 0: one T×T block
@@ -78,7 +78,9 @@ class ModelConfig:
                             f"{self.rope_original_max_position}")
         try:
             from lm.model.remat import canonical
-            canonical(self.remat)
+            # held as the policy's name (True/False → 'full'/'none'), so a ModelConfig written back
+            # into a config (HF import, run directories) fits config.model.remat's string field
+            object.__setattr__(self, "remat", canonical(self.remat))
         except ValueError as e:
             problems.append(str(e))
         if self.dtype not in DTYPES:

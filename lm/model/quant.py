@@ -101,14 +101,20 @@ def bits_per_weight(kind: str, block: int, n_blocks_per_group: int = SCALE_GROUP
 
 class QuantizedWeight(nnx.Module):
     """A frozen weight stored by `quantize`: each array an nnx.Param with the weight's logical axes
-    (the scales' block axis is shorter; the sharding rules skip an axis a mesh does not divide).
+    (the double-quantized scales' per-group arrays are replicated along the quantized axis).
     `axis` counts from the end, so a layer's slice of stacked weights reads the same axis."""
 
     def __init__(self, value: Array, logical_axes: tuple, kind: str, block: int, axis: int, name: str = "weight"):
         axis = axis - value.ndim if axis >= 0 else axis
         self.kind, self.axis = kind, axis
         for key, array in quantize(value, kind, block, axis, name).items():
-            setattr(self, key, nnx.Param(array, logical_axes=logical_axes))
+            axes = logical_axes
+            if key in ("scale_scale", "scale_mean"):  # one entry per group of blocks along the quantized
+                # axis: too short to shard there (the sharding rules refuse an axis a mesh does not divide)
+                # and small; they keep the weight's other axes. The codes (two per byte) and the per-block
+                # scales shard like the weight.
+                axes = tuple(None if i == array.ndim + axis else a for i, a in enumerate(logical_axes))
+            setattr(self, key, nnx.Param(array, logical_axes=axes))
 
     def dequantize(self) -> Array:
         keys = ("codes", "scale") if self.kind == "int8" else ("codes", "scale_codes", "scale_scale", "scale_mean")
