@@ -107,6 +107,22 @@ def _weighted(weights, keep, values):
     return jnp.sum(jnp.where(keep, values, 0.0) * weights)
 
 
+def _pair_output(loss: jax.Array, weights: jax.Array, keep: jax.Array, reward_c: jax.Array,
+                 reward_r: jax.Array) -> DPOOutput:
+    """DPOOutput of per-pair `loss` [B] (0 where not `keep`, times `weights`) and the implicit rewards
+    of each side [B], whose sums, accuracy and margin are metrics (no gradient)."""
+    per_pair = jnp.where(keep, loss, 0.0) * weights
+    stop = jax.lax.stop_gradient
+    reward_c, reward_r = stop(reward_c), stop(reward_r)
+    return DPOOutput(
+        sum=jnp.sum(per_pair), count=jnp.sum(weights),
+        chosen_rewards_sum=_weighted(weights, keep, reward_c),
+        rejected_rewards_sum=_weighted(weights, keep, reward_r),
+        accuracy_sum=_weighted(weights, keep, (reward_c > reward_r).astype(F32)),
+        margin_sum=_weighted(weights, keep, reward_c - reward_r),
+        per_pair_loss=per_pair)
+
+
 def bradley_terry_loss(chosen_rewards, rejected_rewards, weights=None, margin=0.0) -> BradleyTerryOutput:
     """Bradley–Terry negative log-likelihood of a reward model on preference pairs.
 
@@ -212,16 +228,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
         n_c = jnp.where(keep, jnp.broadcast_to(jnp.asarray(chosen_counts, F32), shape), 1.0)
         n_r = jnp.where(keep, jnp.broadcast_to(jnp.asarray(rejected_counts, F32), shape), 1.0)
         loss = (rho_c / n_c - rho_r / n_r - 1.0 / (2.0 * beta)) ** 2
-    per_pair = jnp.where(keep, loss, 0.0) * weights
-    stop = jax.lax.stop_gradient
-    reward_c, reward_r = stop(beta * rho_c), stop(beta * rho_r)
-    return DPOOutput(
-        sum=jnp.sum(per_pair), count=jnp.sum(weights),
-        chosen_rewards_sum=_weighted(weights, keep, reward_c),
-        rejected_rewards_sum=_weighted(weights, keep, reward_r),
-        accuracy_sum=_weighted(weights, keep, (reward_c > reward_r).astype(F32)),
-        margin_sum=_weighted(weights, keep, reward_c - reward_r),
-        per_pair_loss=per_pair)
+    return _pair_output(loss, weights, keep, beta * rho_c, beta * rho_r)
 
 
 class ORPOOutput(NamedTuple):
@@ -278,16 +285,7 @@ def simpo_loss(policy_chosen_logps, policy_rejected_logps, chosen_counts, reject
     z = reward_c - reward_r - jnp.asarray(gamma, F32)
     eps = jnp.asarray(label_smoothing, F32)
     loss = -(1.0 - eps) * jax.nn.log_sigmoid(z) - eps * jax.nn.log_sigmoid(-z)
-    per_pair = jnp.where(keep, loss, 0.0) * weights
-    stop = jax.lax.stop_gradient
-    reward_c, reward_r = stop(reward_c), stop(reward_r)
-    return DPOOutput(
-        sum=jnp.sum(per_pair), count=jnp.sum(weights),
-        chosen_rewards_sum=_weighted(weights, keep, reward_c),
-        rejected_rewards_sum=_weighted(weights, keep, reward_r),
-        accuracy_sum=_weighted(weights, keep, (reward_c > reward_r).astype(F32)),
-        margin_sum=_weighted(weights, keep, reward_c - reward_r),
-        per_pair_loss=per_pair)
+    return _pair_output(loss, weights, keep, reward_c, reward_r)
 
 
 def orpo_loss(policy_chosen_logps, policy_rejected_logps, chosen_counts, rejected_counts, *, lam=0.1,

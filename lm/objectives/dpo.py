@@ -99,11 +99,17 @@ def make_loss_fn(config: Any, graphdef: Any):
         out = losses.dpo_loss(pol_c, pol_r, ref_c, ref_r, beta=dc.beta, loss_type=dc.loss_type,
                               label_smoothing=dc.label_smoothing, chosen_counts=counts[:b],
                               rejected_counts=counts[b:], weights=weights)
-        stop = jax.lax.stop_gradient
-        return out.sum, {"count": out.count, "rewards/chosen_sum": out.chosen_rewards_sum,
-                         "rewards/rejected_sum": out.rejected_rewards_sum,
-                         "rewards/accuracies_sum": out.accuracy_sum, "rewards/margins_sum": out.margin_sum,
-                         "logps/chosen_sum": stop(jnp.sum(weights * pol_c)),
-                         "logps/rejected_sum": stop(jnp.sum(weights * pol_r))}
+        return out.sum, pair_sums(out, weights, pol_c, pol_r)
 
     return loss_fn
+
+
+def pair_sums(out: Any, weights: jax.Array, pol_c: jax.Array, pol_r: jax.Array) -> dict:
+    """The sums a preference objective logs under TRL's names, from a DPOOutput-shaped `out` and the
+    policy's answer log-probs of each side [B] (weighted like the loss; metrics, no gradient)."""
+    stop = jax.lax.stop_gradient
+    return {"count": out.count, "rewards/chosen_sum": out.chosen_rewards_sum,
+            "rewards/rejected_sum": out.rejected_rewards_sum,
+            "rewards/accuracies_sum": out.accuracy_sum, "rewards/margins_sum": out.margin_sum,
+            "logps/chosen_sum": stop(jnp.sum(weights * pol_c)),
+            "logps/rejected_sum": stop(jnp.sum(weights * pol_r))}

@@ -17,12 +17,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from lm import losses
-from lm.objectives.dpo import answer_logprobs
+from lm.objectives.dpo import answer_logprobs, pair_sums
 from lm.objectives.reward import pair_weights
 
 BATCH_KIND = "preference"
@@ -41,11 +39,6 @@ def make_loss_fn(config: Any, graphdef: Any):
         weights = pair_weights(batch)
         out = losses.simpo_loss(pol_c, pol_r, counts[:b], counts[b:], beta=sc.beta, gamma=sc.gamma,
                                 label_smoothing=sc.label_smoothing, weights=weights)
-        stop = jax.lax.stop_gradient
-        return out.sum, {"count": out.count, "rewards/chosen_sum": out.chosen_rewards_sum,
-                         "rewards/rejected_sum": out.rejected_rewards_sum,
-                         "rewards/accuracies_sum": out.accuracy_sum, "rewards/margins_sum": out.margin_sum,
-                         "logps/chosen_sum": stop(jnp.sum(weights * pol_c)),
-                         "logps/rejected_sum": stop(jnp.sum(weights * pol_r))}
+        return out.sum, pair_sums(out, weights, pol_c, pol_r)
 
     return loss_fn
