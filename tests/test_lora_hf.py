@@ -56,7 +56,7 @@ def runs(tmp_path_factory):
 def test_lm_to_peft_to_lm_is_exact(runs, tmp_path):
     model_cfg, _, adapters, adapter_dir, lora_run, lc = runs
     back, fields = peft.load_adapter(adapter_dir, model_cfg)
-    assert fields == {"rank": 4, "alpha": 8.0, "rslora": False, "targets": "q,v,o,down"}
+    assert fields == {"rank": 4, "alpha": 8.0, "rslora": False, "targets": "q,v,o,down", "dropout": 0.0}
     jax.tree.map(np.testing.assert_array_equal, back, adapters)
     # the imported run's checkpoint holds exactly these adapters, and exports them unchanged
     _, config, restored, _ = hf_run.lora_run_params(lora_run)
