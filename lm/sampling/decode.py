@@ -21,6 +21,11 @@ discarded (stored as −1). Knobs (temperature, top-k, top-p, min-p, seed) are t
 changing them does not recompile; compiled functions are cached by jit per model structure and
 shape (P is rounded up to a power of two, at least 16, when max_len allows).
 
+On a mesh (``mesh=``, ``rules=``: the run's, e.g. ``Setup.mesh`` and ``config.mesh.rules``), the
+prefill and decode jits take their layouts from it (``lm.sampling.placement``): each device
+decodes its own rows, its share of the KV cache (rows × kv heads), with the parameters laid out
+by their logical axes; the tokens are those of one device.
+
 Streaming: with ``chunk_size=n`` the same compiled loop runs for at most n tokens per call, the
 state (cache included, donated) is handed back, ``on_chunk`` gets the new tokens, and the next call
 continues. Sampling randomness is keyed by (seed, row, step), so chunking never changes the text:
