@@ -133,12 +133,15 @@ def _sample_and_score(graphdef, ref_graphdef, params, ref_params, prompt: dict, 
 
 def sample_replies(graphdef: Any, params: Any, tokenizer: Any, examples: list[dict], *, samples_per_prompt: int,
                    prompt_len: int, max_new_tokens: int, batch_size: int, seed: int,
-                   reference: tuple[Any, Any] | None = None) -> list[list[dict]]:
+                   reference: tuple[Any, Any] | None = None, mesh=None, rules=None) -> list[list[dict]]:
     """`samples_per_prompt` replies at temperature 1 to each example's prompt (its messages without
     the final answer). Returns, per example, a list of {'reply' (special tokens written out),
     'ended', 'has_special' (a special token before the end), 'logp', 'logp_ref'} (the
     log-probabilities summed over the generated tokens, stop token included; logp_ref = logp
-    without a reference). Rows are example-major; row r of batch k is keyed fold_in(fold_in(key, k), r)."""
+    without a reference). Rows are example-major; row r of batch k is keyed fold_in(fold_in(key, k), r).
+    mesh, rules: the run's; the jit's in/out shardings then come from them (rows over the batch
+    axes when they divide batch_size, parameters as they are laid out) and the model is traced
+    under its activation hints, so each device samples and scores its own rows."""
     from lm.data.prompts import PromptIterator
 
     if samples_per_prompt < 1 or batch_size < 1:
@@ -156,8 +159,24 @@ def sample_replies(graphdef: Any, params: Any, tokenizer: Any, examples: list[di
     stop = np.full((4,), -1, np.int32)
     stop[0] = eot
     knobs = {"temperature": np.float32(1), "top_k": np.int32(0), "top_p": np.float32(1), "min_p": np.float32(0)}
-    run = jax.jit(functools.partial(_sample_and_score, graphdef, ref_graphdef, max_new_tokens=max_new_tokens),
-                  compiler_options=NO_CONSTANT_FOLDING)
+    fn = functools.partial(_sample_and_score, graphdef, ref_graphdef, max_new_tokens=max_new_tokens)
+    if mesh is None:
+        run = jax.jit(fn, compiler_options=NO_CONSTANT_FOLDING)
+    else:
+        from lm.model.hints import activation_sharding
+        from lm.parallel import sharding as shd
+
+        hint, rep = shd.activation_constraint(mesh, dict(rules or {})), shd.replicated(mesh)
+        rows_sh = rep if batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]) else jax.sharding.NamedSharding(
+            mesh, jax.sharding.PartitionSpec(shd.BATCH_AXES))
+        placed = lambda tree: jax.tree.map(lambda x: getattr(x, "sharding", rep), tree)  # noqa: E731
+
+        def traced(*args):
+            with activation_sharding(hint):
+                return fn(*args)
+
+        run = jax.jit(traced, in_shardings=(placed(params), placed(ref_params), rows_sh, rep, rep, rep),
+                      out_shardings=rows_sh, compiler_options=NO_CONSTANT_FOLDING)
     total = len(rows["prompt"])
     key = jax.random.key(seed)
     tokens, logp, logp_ref = [], [], []
@@ -216,6 +235,7 @@ def _reference(ctx) -> tuple[tuple[Any, Any], str]:
 
 def evaluate(ctx) -> dict:
     from lm.data.synthetic import WordChat
+    from lm.evals.exact_match import mesh_of
 
     config, started = ctx.config, time.perf_counter()
     if "nuance" not in config.eval:
@@ -228,7 +248,7 @@ def evaluate(ctx) -> dict:
     replies = sample_replies(ctx.graphdef, ctx.params, ctx.tokenizer, examples,
                              samples_per_prompt=ec.samples_per_prompt, prompt_len=ec.prompt_len,
                              max_new_tokens=ec.max_new_tokens, batch_size=ec.batch_size, seed=ec.seed,
-                             reference=reference)
+                             reference=reference, **mesh_of(ctx))
     out = rates(examples, replies)
     out["nuance_eval_seconds"] = time.perf_counter() - started
     if jax.process_index() == 0:
