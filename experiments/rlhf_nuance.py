@@ -288,7 +288,9 @@ def plot(results: dict, path: str) -> str:
     kl.set_ylabel("KL(π ‖ π_sft), nats per reply")
     kl.set_title("preferred rate against KL to the SFT model" + (" (β beside each sweep point)" if sweep else ""))
     kl.legend(fontsize=8)
-    if sweep:
+    if sweep:  # a sweep's β = 0 runs reach KLs of many nats: a log scale above 0.1 keeps the rest readable
+        kl.set_yscale("symlog", linthresh=0.1)
+        axes[2].set_xscale("symlog", linthresh=0.1)
         axes[2].axhline(100 * results["sft"]["nuance_correct"] if "sft" in runs else 100, color="grey", lw=0.8,
                         ls=":", label="SFT")
         axes[2].set_xlabel("KL(π ‖ π_sft), nats per reply")
