@@ -25,7 +25,7 @@ prompts and sampling keys: correctness, preferred-phrasing rate and KL(π ‖ π
 temperature 1. Then a table (results.md; the β sweep's below it), the numbers (results.json) and a
 plot (experiments/rlhf_nuance.png with --plot) are written.
 
-    python experiments/rlhf_nuance.py --out=/tmp/nuance/run            # all stages (~15 min on 2 shared cores)
+    python experiments/rlhf_nuance.py --out=/tmp/nuance/run            # all stages (15–25 min on 2 shared cores)
     python experiments/rlhf_nuance.py --out=/tmp/nuance/run --from=dpo # reuse the earlier stages
     python experiments/rlhf_nuance.py --out=/tmp/nuance/run --only=sweep --sweep=grpo:0,0.03,0.1,1
     python experiments/rlhf_nuance.py --out=/tmp/nuance/run --only=report --plot=experiments/rlhf_nuance.png
