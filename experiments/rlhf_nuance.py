@@ -16,14 +16,18 @@ run of lm.cli.train except `pairs`:
   dpo     DPO on the same pairs against the frozen SFT model
   grpo    GRPO with the frozen reward model as the reward, KL to the SFT model
   ppo     PPO the same
+  sweep   the KL coefficient β swept (--sweep=grpo:0,0.1,1 --sweep=dpo:0.3,3 ...): each value one more run
+          of that stage from the same SFT model, pairs and reward model, in sweep/<stage>_beta<β>
+          (rl.kl_coef for grpo and ppo, dpo.beta for dpo); the stage's own run is its default-β point
 
 Every policy run (sft, dpo, grpo, ppo) ends with the `nuance` evaluator on the same held-out
 prompts and sampling keys: correctness, preferred-phrasing rate and KL(π ‖ π_sft), all sampled at
-temperature 1. Then a table (results.md), the numbers (results.json) and a plot
-(experiments/rlhf_nuance.png with --plot) are written.
+temperature 1. Then a table (results.md; the β sweep's below it), the numbers (results.json) and a
+plot (experiments/rlhf_nuance.png with --plot) are written.
 
-    python experiments/rlhf_nuance.py --out=/tmp/nuance/run            # all stages (~15 min on 2 shared cores)
+    python experiments/rlhf_nuance.py --out=/tmp/nuance/run            # all stages (15–25 min on 2 shared cores)
     python experiments/rlhf_nuance.py --out=/tmp/nuance/run --from=dpo # reuse the earlier stages
+    python experiments/rlhf_nuance.py --out=/tmp/nuance/run --only=sweep --sweep=grpo:0,0.03,0.1,1
     python experiments/rlhf_nuance.py --out=/tmp/nuance/run --only=report --plot=experiments/rlhf_nuance.png
 
 Report: experiments/rlhf_nuance.md.
@@ -39,9 +43,10 @@ import subprocess
 import sys
 import time
 
-STAGES = ("sft", "pairs", "reward", "dpo", "grpo", "ppo", "report")
+STAGES = ("sft", "pairs", "reward", "dpo", "grpo", "ppo", "sweep", "report")
 POLICIES = ("sft", "dpo", "grpo", "ppo")
 LABELS = {"sft": "SFT", "dpo": "DPO", "grpo": "RM + GRPO", "ppo": "RM + PPO"}
+BETA_KEY = {"grpo": ("rl", "kl_coef"), "ppo": ("rl", "kl_coef"), "dpo": ("dpo", "beta")}  # the β each stage sweeps
 
 
 def train_flags(stage: str, out: str) -> list[str]:
@@ -53,11 +58,11 @@ def train_flags(stage: str, out: str) -> list[str]:
             "ppo": start + [f"--config.rl.reward_model={out}/reward"]}[stage]
 
 
-def train(stage: str, out: str, extra: list[str]) -> float:
-    """One run of lm.cli.train; returns its wall time (s)."""
-    workdir = os.path.join(out, stage)
+def train(stage: str, out: str, extra: list[str], name: str | None = None, flags: tuple[str, ...] = ()) -> float:
+    """One run of lm.cli.train in out/name (name: the stage); returns its wall time (s)."""
+    workdir = os.path.join(out, name or stage)
     command = [sys.executable, "-m", "lm.cli.train", f"--config=configs/nuance.py:{stage}", f"--workdir={workdir}",
-               *train_flags(stage, out), *[e.split(":", 1)[1] for e in extra if e.startswith(stage + ":")]]
+               *train_flags(stage, out), *[e.split(":", 1)[1] for e in extra if e.startswith(stage + ":")], *flags]
     print(" ".join(command), flush=True)
     started = time.perf_counter()
     subprocess.run(command, check=True)
@@ -122,6 +127,66 @@ def write_pairs(out: str, num_prompts: int, num_valid_prompts: int, samples_per_
     return stats
 
 
+def parse_sweep(specs: list[str]) -> dict[str, list[float]]:
+    """--sweep values 'stage:b1,b2,...' -> {stage: [β, ...]} (a stage named twice: its values joined)."""
+    sweep = {}
+    for spec in specs:
+        stage, _, values = spec.partition(":")
+        if stage not in BETA_KEY or not values:
+            raise SystemExit(f"--sweep={spec!r}: expected STAGE:β1,β2,... with STAGE one of {sorted(BETA_KEY)}")
+        try:
+            sweep.setdefault(stage, []).extend(float(v) for v in values.split(","))
+        except ValueError:
+            raise SystemExit(f"--sweep={spec!r}: the values must be numbers, e.g. grpo:0,0.1,1") from None
+    return sweep
+
+
+def default_beta(stage: str) -> float:
+    from configs import nuance as nuance_config
+
+    group, key = BETA_KEY[stage]
+    return float(nuance_config.get_config(stage)[group][key])
+
+
+def sweep_name(stage: str, beta: float) -> str:
+    return f"sweep/{stage}_beta{beta:g}"
+
+
+def run_sweep(out: str, sweep: dict[str, list[float]], extra: list[str]) -> None:
+    """The `sweep` stage: one run per (stage, β) not yet done (a summary.json in its directory); the
+    stage's default β is its own run (out/<stage>), not run again."""
+    for stage, betas in sweep.items():
+        group, key = BETA_KEY[stage]
+        for beta in betas:
+            name = sweep_name(stage, beta)
+            if beta == default_beta(stage) or os.path.exists(os.path.join(out, name, "summary.json")):
+                continue
+            seconds = train(stage, out, extra, name=name, flags=(f"--config.{group}.{key}={beta}",))
+            print(f"sweep {stage} β={beta:g}: {seconds:.0f} s", flush=True)
+
+
+def beta_of(workdir: str, stage: str) -> float:
+    group, key = BETA_KEY[stage]
+    with open(os.path.join(workdir, "config.json")) as f:
+        return float(json.load(f)[group][key])
+
+
+def collect_sweep(out: str) -> dict[str, list[tuple[float, dict]]]:
+    """{stage: [(β, summary), ...] sorted by β}: the sweep's runs and the stage's own run (its default β)."""
+    found = {}
+    for stage in BETA_KEY:
+        runs = [os.path.join(out, stage)]
+        sweep_dir = os.path.join(out, "sweep")
+        if os.path.isdir(sweep_dir):
+            runs += [os.path.join(sweep_dir, d) for d in sorted(os.listdir(sweep_dir)) if d.startswith(stage + "_beta")]
+        for workdir in runs:
+            path = os.path.join(workdir, "summary.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    found.setdefault(stage, []).append((beta_of(workdir, stage), json.load(f)))
+    return {stage: sorted(points, key=lambda p: p[0]) for stage, points in found.items() if len(points) > 1}
+
+
 def phrasing_kl_bound(p: float, q: float) -> float:
     """KL(Bern(p) ‖ Bern(q)): the least KL(π ‖ π_sft) of a policy whose preferred rate is p when
     π_sft's is q (data processing over the map reply → preferred or not; joint convexity over prompts)."""
@@ -141,7 +206,20 @@ def collect(out: str) -> dict:
         if os.path.exists(os.path.join(out, name)):
             with open(os.path.join(out, name)) as f:
                 results[key] = json.load(f)
+    sweep = collect_sweep(out)
+    if sweep:
+        results["sweep"] = {stage: [dict(beta=beta, **s) for beta, s in points] for stage, points in sweep.items()}
     return results
+
+
+def cells(s: dict, base: float | None) -> str:
+    """A policy's evaluator numbers as table cells: correct | preferred | among correct | KL | least KL | wall."""
+    bound = phrasing_kl_bound(s["nuance_preferred"], base) if base else float("nan")
+    return (f"{100 * s['nuance_correct']:.1f}% ± {100 * s['nuance_correct_stderr']:.1f} "
+            f"| {100 * s['nuance_preferred']:.1f}% ± {100 * s['nuance_preferred_stderr']:.1f} "
+            f"| {100 * s['nuance_preferred_among_correct']:.1f}% "
+            f"| {s['nuance_kl']:.3f} ± {s['nuance_kl_stderr']:.3f} | {bound:.3f} "
+            f"| {s.get('wall_seconds', float('nan')):.0f} |")
 
 
 def table(results: dict) -> str:
@@ -153,12 +231,18 @@ def table(results: dict) -> str:
         if s is None or "nuance_correct" not in s:
             lines.append(f"| {LABELS[stage]} | (not run) | | | | | |")
             continue
-        bound = phrasing_kl_bound(s["nuance_preferred"], base) if base else float("nan")
-        lines.append(f"| {LABELS[stage]} | {100 * s['nuance_correct']:.1f}% ± {100 * s['nuance_correct_stderr']:.1f} "
-                     f"| {100 * s['nuance_preferred']:.1f}% ± {100 * s['nuance_preferred_stderr']:.1f} "
-                     f"| {100 * s['nuance_preferred_among_correct']:.1f}% "
-                     f"| {s['nuance_kl']:.3f} ± {s['nuance_kl_stderr']:.3f} | {bound:.3f} "
-                     f"| {s.get('wall_seconds', float('nan')):.0f} |")
+        lines.append(f"| {LABELS[stage]} | " + cells(s, base))
+    return "\n".join(lines)
+
+
+def sweep_table(results: dict) -> str:
+    """The β sweep: one row per (method, β), β ascending within a method."""
+    lines = ["| method | β | correct | preferred (sentence) | preferred among correct | KL(π ‖ π_sft), nats | "
+             "least KL for that rate | wall (s) |", "|---|---|---|---|---|---|---|---|"]
+    base = results.get("sft", {}).get("nuance_preferred")
+    for stage, points in results.get("sweep", {}).items():
+        for s in points:
+            lines.append(f"| {LABELS[stage]} | {s['beta']:g} | " + cells(s, base))
     return "\n".join(lines)
 
 
@@ -170,7 +254,9 @@ def plot(results: dict, path: str) -> str:
     import numpy as np
 
     runs = [s for s in POLICIES if "nuance_correct" in results.get(s, {})]
-    fig, (bars, kl) = plt.subplots(1, 2, figsize=(11, 4.2))
+    sweep = results.get("sweep", {})
+    fig, axes = plt.subplots(1, 3 if sweep else 2, figsize=(16.5 if sweep else 11, 4.2))
+    bars, kl = axes[0], axes[1]
     x = np.arange(len(runs))
     for offset, key, label in ((-0.2, "nuance_correct", "correct"), (0.2, "nuance_preferred", "preferred phrasing")):
         values = [100 * results[s][key] for s in runs]
@@ -190,10 +276,27 @@ def plot(results: dict, path: str) -> str:
         r = results[s]
         kl.errorbar(100 * r["nuance_preferred"], r["nuance_kl"], xerr=100 * r["nuance_preferred_stderr"],
                     yerr=r["nuance_kl_stderr"], fmt="o", capsize=3, label=LABELS[s])
+    for stage, points in sweep.items():  # each method's β sweep: a line through its points, β written beside
+        xs, ys = [100 * p["nuance_preferred"] for p in points], [p["nuance_kl"] for p in points]
+        kl.plot(xs, ys, lw=0.8, alpha=0.6, marker=".", label=f"{LABELS[stage]}, β swept")
+        for p, x, y in zip(points, xs, ys):
+            kl.annotate(f"{p['beta']:g}", (x, y), fontsize=7, xytext=(3, 2), textcoords="offset points")
+        axes[2].plot(ys, [100 * p["nuance_correct"] for p in points], marker="o", label=LABELS[stage])
+        for p, x, y in zip(points, ys, [100 * p["nuance_correct"] for p in points]):
+            axes[2].annotate(f"{p['beta']:g}", (x, y), fontsize=7, xytext=(3, 2), textcoords="offset points")
     kl.set_xlabel("preferred phrasing, % of samples")
     kl.set_ylabel("KL(π ‖ π_sft), nats per reply")
-    kl.set_title("preferred rate against KL to the SFT model")
+    kl.set_title("preferred rate against KL to the SFT model" + (" (β beside each sweep point)" if sweep else ""))
     kl.legend(fontsize=8)
+    if sweep:  # a sweep's β = 0 runs reach KLs of many nats: a log scale above 0.1 keeps the rest readable
+        kl.set_yscale("symlog", linthresh=0.1)
+        axes[2].set_xscale("symlog", linthresh=0.1)
+        axes[2].axhline(100 * results["sft"]["nuance_correct"] if "sft" in runs else 100, color="grey", lw=0.8,
+                        ls=":", label="SFT")
+        axes[2].set_xlabel("KL(π ‖ π_sft), nats per reply")
+        axes[2].set_ylabel("correct, % of samples")
+        axes[2].set_title("correctness against KL, β swept (β beside each point)")
+        axes[2].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -203,6 +306,9 @@ def plot(results: dict, path: str) -> str:
 def report(out: str, plot_path: str | None) -> None:
     results = collect(out)
     text = table(results)
+    if "sweep" in results:
+        text += "\n\nβ sweep (the KL coefficient: rl.kl_coef for RM + GRPO / PPO, dpo.beta for DPO):\n\n"
+        text += sweep_table(results)
     if "reward" in results:
         r = results["reward"]
         text += (f"\n\nreward model: held-out pairwise accuracy {100 * r.get('pairwise_accuracy', float('nan')):.1f}% "
@@ -211,8 +317,11 @@ def report(out: str, plot_path: str | None) -> None:
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(text + "\n")
     keep = ("nuance_", "pairwise_accuracy", "wall_seconds", "train_loss", "valid_")
-    numbers = {stage: {k: v for k, v in s.items() if k.startswith(keep)} if stage in (*POLICIES, "reward") else s
-               for stage, s in results.items()}
+    def kept(s):
+        return {k: v for k, v in s.items() if k.startswith(keep) or k == "beta"}
+    numbers = {stage: kept(s) if stage in (*POLICIES, "reward") else s for stage, s in results.items()}
+    if "sweep" in results:
+        numbers["sweep"] = {stage: [kept(p) for p in points] for stage, points in results["sweep"].items()}
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(numbers, f, indent=1, sort_keys=True)
     if plot_path:
@@ -231,9 +340,12 @@ def main() -> None:
     parser.add_argument("--samples_per_prompt", type=int, default=2, help="samples per prompt (pairs: 0-1, 2-3, …)")
     parser.add_argument("--pair_seed", type=int, default=1, help="sampling seed of the pairs")
     parser.add_argument("--plot", default=None, help="where to write the plot (and the numbers beside it, .json)")
+    parser.add_argument("--sweep", action="append", default=[], metavar="STAGE:β1,β2,...",
+                        help="the sweep stage's values of β for grpo, ppo (rl.kl_coef) or dpo (dpo.beta) (repeatable)")
     parser.add_argument("--set", action="append", default=[], metavar="STAGE:--config.a.b=v",
                         help="an extra flag for one stage's run, e.g. dpo:--config.dpo.beta=0.2 (repeatable)")
     args = parser.parse_args()
+    sweep = parse_sweep(args.sweep)
     os.makedirs(args.out, exist_ok=True)
     stages = [args.only] if args.only else list(STAGES[STAGES.index(args.start):])
     wall_path = os.path.join(args.out, "stage_seconds.json")  # each stage's latest wall time, kept across calls
@@ -242,6 +354,8 @@ def main() -> None:
         if stage == "pairs":
             write_pairs(args.out, args.pair_prompts, args.valid_pair_prompts, args.samples_per_prompt,
                         args.pair_seed)
+        elif stage == "sweep":
+            run_sweep(args.out, sweep, args.set)
         elif stage == "report":
             report(args.out, args.plot)
             continue

@@ -189,3 +189,46 @@ def test_pair_records_read_back_as_preference_pairs(tmp_path):
         assert prompt == render_prompt(example["messages"][:-1], tok).tolist()  # what RL and sampling see
     assert experiment.phrasing_kl_bound(0.5, 0.5) == 0.0
     np.testing.assert_allclose(experiment.phrasing_kl_bound(1.0, 0.5), np.log(2))
+
+
+def _fake_run(workdir, group, key, beta, preferred, kl):
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump({group: {key: beta}}, f)
+    numbers = {"nuance_correct": 0.9, "nuance_correct_stderr": 0.01, "nuance_preferred": preferred,
+               "nuance_preferred_stderr": 0.01, "nuance_preferred_among_correct": preferred / 0.9,
+               "nuance_kl": kl, "nuance_kl_stderr": 0.01, "wall_seconds": 1.0}
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(numbers, f)
+
+
+def test_beta_sweep_runs_each_new_value_once_and_tabulates_with_the_stage_run(tmp_path, monkeypatch):
+    """--sweep: the stage's own run is its default-β point (not run again), a finished sweep run is
+    not run again, and the report lists every (method, β) in β order."""
+    experiment = load_experiment()
+    out = str(tmp_path)
+    assert experiment.parse_sweep(["grpo:0,1", "dpo:3", "grpo:0.1"]) == {"grpo": [0.0, 1.0, 0.1], "dpo": [3.0]}
+    for bad in ("sft:0.1", "grpo", "grpo:a"):
+        with pytest.raises(SystemExit, match="--sweep"):
+            experiment.parse_sweep([bad])
+    default = experiment.default_beta("grpo")
+    assert default == nuance_config.get_config("grpo").rl.kl_coef
+    _fake_run(os.path.join(out, "sft"), "dpo", "beta", 0.0, 0.5, 0.0)
+    _fake_run(os.path.join(out, "grpo"), "rl", "kl_coef", default, 0.8, 0.5)
+    _fake_run(os.path.join(out, experiment.sweep_name("grpo", 1.0)), "rl", "kl_coef", 1.0, 0.6, 0.1)
+    calls = []
+
+    def fake_train(stage, out_, extra, name=None, flags=()):
+        calls.append((stage, name, flags))
+        _fake_run(os.path.join(out_, name), "rl", "kl_coef", float(flags[0].split("=")[1]), 0.95, 2.0)
+        return 0.0
+
+    monkeypatch.setattr(experiment, "train", fake_train)
+    experiment.run_sweep(out, {"grpo": [0.0, default, 1.0]}, [])
+    assert calls == [("grpo", "sweep/grpo_beta0", ("--config.rl.kl_coef=0.0",))]
+    results = experiment.collect(out)
+    assert [p["beta"] for p in results["sweep"]["grpo"]] == [0.0, default, 1.0]
+    assert "dpo" not in results.get("sweep", {})  # a stage with one point (or none) is no sweep
+    rows = experiment.sweep_table(results).splitlines()[2:]
+    assert [r.split("|")[2].strip() for r in rows] == ["0", f"{default:g}", "1"]
+    assert "95.0%" in rows[0] and "2.000" in rows[0]
