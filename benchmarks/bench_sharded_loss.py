@@ -50,6 +50,18 @@ def dpo_fields(config):
     return config
 
 
+def grpo_fields(config):
+    """Add GRPO's config section (configs/grpo.py's rl block) to any config: the reference = the
+    frozen start, rewards in the batch (the train step's batch: rollouts already scored)."""
+    from configs import grpo
+
+    with config.unlocked():
+        config.objective = "grpo"
+        config.rl = grpo.get_config().rl
+        config.train.init_from = None
+    return config
+
+
 def compile_step(config, model_cfg, mesh):
     from lm import objectives, train
     from lm.data import batch as contract
@@ -64,7 +76,7 @@ def compile_step(config, model_cfg, mesh):
     step = train.jit_train_step(train.make_train_step(objective.make_loss_fn(config, setup.graphdef), opt, sched,
                                                       config.train.micro_batches), setup)
     kind = objectives.batch_kind(objective, config)
-    rows = config.train.batch_size // (2 if kind.startswith("preference") else 1)
+    rows = config.train.batch_size // (2 if isinstance(kind, str) and kind.startswith("preference") else 1)
     sharding = shd.batch_sharding(mesh)
     batch = contract.spec(kind, rows, config.train.seq_len,
                           make=lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding))
@@ -73,7 +85,14 @@ def compile_step(config, model_cfg, mesh):
     if frozen:
         args += (sds(setup.abstract_frozen, setup.frozen_shardings),)
     started = time.perf_counter()
-    compiled = step.lower(*args).compile()
+    try:  # the target platform in context (kernels, attention_impl='auto'); older checkouts have no such context
+        from lm.model import platform
+        context = platform.compiling_for(platform.mesh_platform(mesh))
+    except (ImportError, AttributeError):
+        import contextlib
+        context = contextlib.nullcontext()
+    with context:
+        compiled = step.lower(*args).compile()
     return compiled, time.perf_counter() - started
 
 
@@ -95,8 +114,38 @@ def row(name, compiled, seconds):
 HEADER = ("| step | arguments GiB | temporaries GiB | sum GiB | TFLOPs per chip | largest all-gather (elements) "
           "| compile s |\n|---|---|---|---|---|---|---|")
 
+TPU_HEADER = ("| step | arguments GiB | outputs − donated GiB | temporaries GiB | total GiB | matmul TFLOPs per chip "
+              "(HLO, loops × trips) | XLA cost_analysis TFLOPs (loop bodies once) | model TFLOPs per chip (analytic) "
+              "| largest all-gather (elements) | compile s |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 
-def tpu(layers: int | None, batch_size: int | None):
+
+def model_tflops_per_chip(config, model_cfg, chips: int) -> float:
+    """lm/model/counting.py's model FLOPs (6N + causal attention per trained token; forward-only
+    frozen passes a third of that) of one step, per chip."""
+    from lm.model import counting
+
+    per_token = counting.flops_per_token(model_cfg, config.train.seq_len)["total"]
+    tokens = config.train.batch_size * config.train.seq_len  # rows (DPO: 2 × pairs) × T
+    frozen_passes = 1 if config.objective == "dpo" else 0  # DPO scores the reference in the step; GRPO reads it
+    return tokens * per_token * (1 + frozen_passes / 3) / chips / 1e12
+
+
+def tpu_row(name, compiled, seconds, model_tflops):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from hlo_flops import matmul_flops
+
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    args, out, alias, temp = (mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes,
+                              mem.temp_size_in_bytes)
+    hlo = compiled.as_text()
+    return (f"| {name} | {args / GiB:.2f} | {(out - alias) / GiB:.2f} | {temp / GiB:.2f} | "
+            f"{(args + out - alias + temp) / GiB:.2f} | {matmul_flops(hlo) / 1e12:.1f} | {cost['flops'] / 1e12:.2f} | "
+            f"{model_tflops:.1f} | {largest_all_gather(hlo):,} | {seconds:.0f} |")
+
+
+def tpu(layers: int | None, batch_size: int | None, objectives=("pretrain", "dpo", "grpo"), attention: str = ""):
     from jax.experimental import topologies
     from jax.sharding import Mesh
 
@@ -108,19 +157,26 @@ def tpu(layers: int | None, batch_size: int | None):
     devices = np.array(topology.devices)
     mesh = Mesh(devices.reshape(1, 16, 1), shd.MESH_AXES)
     print(f"TPU compiler (libtpu, deviceless): {devices.size} × {devices.flat[0].device_kind}, mesh data=1 fsdp=16")
-    print(HEADER)
-    for objective in ("pretrain", "dpo"):
+    print(TPU_HEADER)
+    for objective in objectives:
         config = llama_1b.get_config("v5p-32")
         if layers:
             config.model.num_layers = layers
         if batch_size:
             config.train.batch_size = batch_size
+        if attention and "attention_impl" in config.model:
+            config.model.attention_impl = attention
+        config.distributed.auto = False
         if objective == "dpo":
             config = dpo_fields(config)
+        elif objective == "grpo":
+            config = grpo_fields(config)
         model_cfg = build_model_config(config, config.model.vocab_size)
         compiled, seconds = compile_step(config, model_cfg, mesh)
-        print(row(f"llama_1b {objective} (B={config.train.batch_size}, T={config.train.seq_len}, "
-                  f"{config.model.num_layers} layers)", compiled, seconds), flush=True)
+        impl = config.model.get("attention_impl", "causal-block dense")
+        print(tpu_row(f"llama_1b {objective} ({config.train.batch_size} rows × {config.train.seq_len}, "
+                      f"{config.model.num_layers} layers, attention {impl})", compiled, seconds,
+                      model_tflops_per_chip(config, model_cfg, devices.size)), flush=True)
 
 
 def cpu():
@@ -195,6 +251,9 @@ if __name__ == "__main__":
     ap.add_argument("--cpu", action="store_true", help="a DPO step on XLA:CPU at V=32k")
     ap.add_argument("--layers", type=int, default=None, help="fewer llama_1b layers (compile time)")
     ap.add_argument("--batch_size", type=int, default=None, help="llama_1b rows per step (default 512)")
+    ap.add_argument("--objectives", default="pretrain,dpo,grpo", help="--tpu: the train steps compiled")
+    ap.add_argument("--attention", default="", help="--tpu: model.attention_impl where the checkout has it "
+                    "(dense: the causal blocks the pre-issue-27 code used; '' the config's: splash on TPU)")
     ap.add_argument("--ab", default=None, help="checkout A: paired speed of the fused loss, A vs this one")
     ap.add_argument("--pairs", type=int, default=8, help="alternating pairs per --ab measurement")
     args = ap.parse_args()
@@ -202,7 +261,7 @@ if __name__ == "__main__":
 
     print(f"lm from {os.path.dirname(lm.__file__)}; jax {jax.__version__}")
     if args.tpu:
-        tpu(args.layers, args.batch_size)
+        tpu(args.layers, args.batch_size, args.objectives.split(","), args.attention)
     if args.cpu:
         cpu()
     if args.ab:
