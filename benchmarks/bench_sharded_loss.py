@@ -2,8 +2,9 @@
 log-probabilities (lm/losses/token_logprobs.py) change. Run it on two checkouts (before / after)
 and compare; nothing is executed, so it needs no accelerator.
 
-    # the TPU compiler (libtpu, deviceless): llama_1b on v5p-32 (16 chips, FSDP 16), pretrain and DPO
-    python benchmarks/bench_sharded_loss.py --tpu [--layers 16]
+    # the TPU compiler (libtpu, deviceless): llama_1b on v5p-32 (16 chips, FSDP 16), full depth (its
+    # layers under lax.scan), 512 rows × 2048: one pretrain, one DPO (256 pairs) and one GRPO step
+    python benchmarks/bench_sharded_loss.py --tpu [--objectives pretrain,dpo,grpo] [--attention dense]
     # XLA:CPU, one device: a DPO step of the default model with a 32k vocabulary
     python benchmarks/bench_sharded_loss.py --cpu
     # speed, paired A/B in one process (checkout A = the baseline, B = this one): the bench model's
@@ -11,11 +12,18 @@ and compare; nothing is executed, so it needs no accelerator.
     python benchmarks/bench_sharded_loss.py --ab /tmp/before --pairs 8
 
     git worktree add /tmp/before <old commit>
-    PYTHONPATH=/tmp/before python benchmarks/bench_sharded_loss.py --tpu   # the same on the old code
+    cd /tmp/before && PYTHONPATH=/tmp/before python <this checkout>/benchmarks/bench_sharded_loss.py --tpu
 
-Printed (Markdown): per chip, the compiled step's arguments, temporaries (XLA's
-memory_analysis), their sum, FLOPs (cost_analysis) and the largest all-gather (elements) in the
-partitioned HLO.
+(run the old checkout from its own directory: its lm.cli.train reads configs/default.py at import.)
+`--attention dense` gives today's code the causal-block dense attention the old code had (the
+config's 'auto' picks the splash kernel on TPU, a custom call whose FLOPs no count sees).
+
+Printed (Markdown), per chip: the compiled step's arguments, outputs − donated, temporaries and
+total (XLA's memory_analysis, as lm.train.memory adds them); matmul FLOPs from the compiled HLO
+with every loop body times its trip count (benchmarks/hlo_flops.py); XLA's cost_analysis FLOPs,
+which count a loop body once (the layer scan, the loss's chunks); the model FLOPs of the step
+from the formula of lm/model/counting.py; the largest all-gather (elements) in the partitioned
+HLO; the compile time.
 """
 
 from __future__ import annotations
@@ -120,17 +128,21 @@ TPU_HEADER = ("| step | arguments GiB | outputs − donated GiB | temporaries Gi
 
 
 def model_tflops_per_chip(config, model_cfg, chips: int) -> float:
-    """lm/model/counting.py's model FLOPs (6N + causal attention per trained token; forward-only
-    frozen passes a third of that) of one step, per chip."""
-    from lm.model import counting
-
-    per_token = counting.flops_per_token(model_cfg, config.train.seq_len)["total"]
+    """Model FLOPs of one step per chip, as lm/model/counting.py counts them today (written out
+    here so that the old checkout gets the same formula): per trained token 6·N + ½·12·L·T·d_attn
+    (N: matmul parameters, the output projection once; causal attention), a frozen forward pass a
+    third of that (DPO's reference; GRPO's reference log-probs come in the batch)."""
+    d, layers = model_cfg.d_model, model_cfg.num_layers
+    hd = model_cfg.head_dim or d // model_cfg.num_heads
+    n = layers * (d * hd * (2 * model_cfg.num_heads + 2 * model_cfg.num_kv_heads) + 3 * d * model_cfg.mlp_dim)
+    n += d * model_cfg.vocab_size
+    per_token = 6.0 * n + 0.5 * 12.0 * layers * config.train.seq_len * model_cfg.num_heads * hd
     tokens = config.train.batch_size * config.train.seq_len  # rows (DPO: 2 × pairs) × T
-    frozen_passes = 1 if config.objective == "dpo" else 0  # DPO scores the reference in the step; GRPO reads it
+    frozen_passes = 1 if config.objective == "dpo" else 0
     return tokens * per_token * (1 + frozen_passes / 3) / chips / 1e12
 
 
-def tpu_row(name, compiled, seconds, model_tflops):
+def tpu_row(name, compiled, seconds, model_tflops, hlo_path=""):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from hlo_flops import matmul_flops
 
@@ -140,12 +152,17 @@ def tpu_row(name, compiled, seconds, model_tflops):
     args, out, alias, temp = (mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes,
                               mem.temp_size_in_bytes)
     hlo = compiled.as_text()
+    if hlo_path:  # the compiled module, for a closer look (gzip)
+        import gzip
+        with gzip.open(hlo_path, "wt") as f:
+            f.write(hlo)
     return (f"| {name} | {args / GiB:.2f} | {(out - alias) / GiB:.2f} | {temp / GiB:.2f} | "
             f"{(args + out - alias + temp) / GiB:.2f} | {matmul_flops(hlo) / 1e12:.1f} | {cost['flops'] / 1e12:.2f} | "
             f"{model_tflops:.1f} | {largest_all_gather(hlo):,} | {seconds:.0f} |")
 
 
-def tpu(layers: int | None, batch_size: int | None, objectives=("pretrain", "dpo", "grpo"), attention: str = ""):
+def tpu(layers: int | None, batch_size: int | None, objectives=("pretrain", "dpo", "grpo"), attention: str = "",
+        hlo_dir: str = ""):
     from jax.experimental import topologies
     from jax.sharding import Mesh
 
@@ -176,7 +193,8 @@ def tpu(layers: int | None, batch_size: int | None, objectives=("pretrain", "dpo
         impl = config.model.get("attention_impl", "causal-block dense")
         print(tpu_row(f"llama_1b {objective} ({config.train.batch_size} rows × {config.train.seq_len}, "
                       f"{config.model.num_layers} layers, attention {impl})", compiled, seconds,
-                      model_tflops_per_chip(config, model_cfg, devices.size)), flush=True)
+                      model_tflops_per_chip(config, model_cfg, devices.size),
+                      os.path.join(hlo_dir, f"{objective}.hlo.gz") if hlo_dir else ""), flush=True)
 
 
 def cpu():
@@ -254,6 +272,7 @@ if __name__ == "__main__":
     ap.add_argument("--objectives", default="pretrain,dpo,grpo", help="--tpu: the train steps compiled")
     ap.add_argument("--attention", default="", help="--tpu: model.attention_impl where the checkout has it "
                     "(dense: the causal blocks the pre-issue-27 code used; '' the config's: splash on TPU)")
+    ap.add_argument("--hlo_dir", default="", help="--tpu: write each compiled module there (<objective>.hlo.gz)")
     ap.add_argument("--ab", default=None, help="checkout A: paired speed of the fused loss, A vs this one")
     ap.add_argument("--pairs", type=int, default=8, help="alternating pairs per --ab measurement")
     args = ap.parse_args()
@@ -261,7 +280,7 @@ if __name__ == "__main__":
 
     print(f"lm from {os.path.dirname(lm.__file__)}; jax {jax.__version__}")
     if args.tpu:
-        tpu(args.layers, args.batch_size, args.objectives.split(","), args.attention)
+        tpu(args.layers, args.batch_size, args.objectives.split(","), args.attention, args.hlo_dir)
     if args.cpu:
         cpu()
     if args.ab:

@@ -13,7 +13,8 @@ counts, from `compiled.as_text()`:
 
 per computation, then multiplies through the call graph: a fusion / call / async op runs its
 computation once per execution of the caller, a while loop its body `trip count` times (read from
-the loop's backend_config known_trip_count, else from its condition: `i < constant`, with i from 0).
+the loop's backend_config known_trip_count, else from its condition `i < limit`, the step `i + c` in
+its body and i's initial constant: XLA:TPU's windowed (collective) matmul loops step by 2).
 Element-wise work, reductions and custom calls (Pallas kernels such as splash attention) are not
 counted: the result is matmul FLOPs, what dominates a transformer step.
 
@@ -59,8 +60,9 @@ def _operands(rest: str) -> list[str]:
 
 
 def parse(hlo: str) -> tuple[dict, str]:
-    """{computation: [(name, op, shape dims, operands, attributes text)]}, entry name."""
-    comps, entry, cur, shapes = {}, None, None, {}
+    """{computation: ([(name, op, shape dims, operands, attributes text)], {name: dims}, root name)},
+    entry name."""
+    comps, entry, cur, shapes, root = {}, None, None, {}, None
     for line in hlo.splitlines():
         if cur is None:
             m = _HEADER.match(line)
@@ -72,14 +74,16 @@ def parse(hlo: str) -> tuple[dict, str]:
                     entry = cur
             continue
         if line.strip() == "}":
-            comps[cur] = (comps[cur], shapes)
-            cur = None
+            comps[cur] = (comps[cur], shapes, root)
+            cur, root = None, None
             continue
         m = _INSTR.match(line)
         if m:
             name, shape, op, rest = m.groups()
             shapes[name] = _dims(shape)
             comps[cur].append((name, op, shapes[name], _operands(rest), rest))
+            if line.lstrip().startswith("ROOT"):
+                root = name
     if entry is None:
         raise ValueError("hlo_flops: no ENTRY computation in the module text")
     return comps, entry
@@ -131,50 +135,119 @@ def _taps(out: int, inp: int, size: int, stride: int, pad_lo: int, lhs_dilate: i
     return int(np.sum((p >= 0) & (p <= (inp - 1) * lhs_dilate) & (p % lhs_dilate == 0)))
 
 
-def _trip_count(attrs: str, condition: list) -> int:
+def _trip_count(attrs: str, condition: tuple, body: tuple, init: int | None) -> int:
+    """Iterations of a while loop: its known_trip_count, else from `i < limit` in the condition, the
+    step of i in the body (`i + c`) and i's initial value (`init`, None: 0)."""
     m = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', attrs)
     if m:
         return int(m.group(1))
-    consts = {}
-    for name, op, _, _, rest in condition:
-        if op == "constant":
-            c = re.match(r"\s*(-?\d+)\)", rest)
-            if c:
-                consts[name] = int(c.group(1))
-    for name, op, _, operands, rest in condition:
+    instrs = {name: (op, operands, rest) for name, op, _, operands, rest in condition[0]}
+    consts = {n: int(c.group(1)) for n, (op, _, rest) in instrs.items()
+              if op == "constant" and (c := re.match(r"\s*(-?\d+)\)", rest))}
+    for name, (op, operands, rest) in instrs.items():
         if op == "compare" and "direction=LT" in rest and len(operands) == 2 and operands[1] in consts:
-            return consts[operands[1]]
-    if len(consts) == 1:
-        return next(iter(consts.values()))
+            limit, index = consts[operands[1]], _tuple_index(instrs.get(operands[0]))
+            return -(-(limit - (init or 0)) // _step(body, index))
     raise ValueError(f"hlo_flops: no trip count for a while loop (condition constants {consts})")
 
 
-def matmul_flops(hlo: str) -> float:
-    """Matmul FLOPs per device of one execution of the module's entry computation."""
+def _tuple_index(instr) -> int | None:
+    """k of `get-tuple-element(param), index=k`, else None."""
+    if instr is None or instr[0] != "get-tuple-element":
+        return None
+    m = re.search(r"index=(\d+)", instr[2])
+    return int(m.group(1)) if m else None
+
+
+def _step(body: tuple, index: int | None) -> int:
+    """c of the loop variable's update `gte(param, index) + constant(c)` in the body's root tuple; 1
+    where it cannot be read."""
+    instrs_list, _, root = body
+    instrs = {name: (op, operands, rest) for name, op, _, operands, rest in instrs_list}
+    if index is None or root not in instrs or instrs[root][0] != "tuple" or index >= len(instrs[root][1]):
+        return 1
+    update = instrs.get(instrs[root][1][index])
+    if update is None or update[0] != "add":
+        return 1
+    for a, b in (update[1], update[1][::-1]):
+        c = instrs.get(b)
+        if _tuple_index(instrs.get(a)) == index and c and c[0] == "constant":
+            value = re.match(r"\s*(-?\d+)\)", c[2])
+            return max(int(value.group(1)), 1) if value else 1
+    return 1
+
+
+def _init(caller: tuple, operand: str, index: int | None) -> int | None:
+    """The loop variable's initial value: element `index` of the while's operand tuple, a
+    constant (through copies) in the caller; None where it is not one."""
+    instrs = {name: (op, operands, rest) for name, op, _, operands, rest in caller[0]}
+    t = instrs.get(operand)
+    if index is None or t is None or t[0] != "tuple" or index >= len(t[1]):
+        return None
+    x = instrs.get(t[1][index])
+    while x is not None and x[0] in ("copy", "bitcast", "convert"):
+        x = instrs.get(x[1][0])
+    value = re.match(r"\s*(-?\d+)\)", x[2]) if x is not None and x[0] == "constant" else None
+    return int(value.group(1)) if value else None
+
+
+def _callees(op: str, operands: list, attrs: str, comps: dict, caller: str) -> list[tuple[str, float]]:
+    """(computation, times it runs per execution of the instruction) for one instruction."""
+    if op == "while":
+        body = re.search(r"body=%?([\w.\-]+)", attrs).group(1)
+        cond = re.search(r"condition=%?([\w.\-]+)", attrs).group(1)
+        index = _loop_index(comps[cond])
+        trips = _trip_count(attrs, comps[cond], comps[body], _init(comps[caller], operands[0], index))
+        return [(body, trips), (cond, trips)]
+    if op == "conditional":
+        names = re.findall(r"%([\w.\-]+)", re.search(r"branch_computations=\{([^}]*)\}", attrs).group(1))
+        return [(n, 1.0) for n in names]  # each branch once: an upper bound
+    return [(c, 1.0) for key in ("calls", "to_apply") for c in re.findall(rf"\b{key}=%?([\w.\-]+)", attrs)
+            if c in comps]
+
+
+def _loop_index(condition: tuple) -> int | None:
+    """The tuple index of the variable a loop condition compares (`gte(param, k) < c`)."""
+    instrs = {name: (op, operands, rest) for name, op, _, operands, rest in condition[0]}
+    for op, operands, rest in instrs.values():
+        if op == "compare" and "direction=LT" in rest and operands:
+            return _tuple_index(instrs.get(operands[0]))
+    return None
+
+
+def matmul_flops(hlo: str, by: str = "") -> float | dict:
+    """Matmul FLOPs per device of one execution of the module's entry computation; with
+    by='op_name', a dict of them by the products' source op names (metadata op_name)."""
     comps, entry = parse(hlo)
+    if not by:
+        @lru_cache(maxsize=None)
+        def total(comp: str) -> float:
+            instrs, shapes, _ = comps[comp]
+            flops = 0.0
+            for name, op, out, operands, attrs in instrs:
+                flops += _op_flops(op, out, operands, attrs, shapes)
+                if op == "conditional":
+                    flops += max((total(c) for c, _ in _callees(op, operands, attrs, comps, comp)), default=0.0)
+                else:
+                    flops += sum(times * total(c) for c, times in _callees(op, operands, attrs, comps, comp))
+            return flops
 
-    @lru_cache(maxsize=None)
-    def total(comp: str) -> float:
-        instrs, shapes = comps[comp]
-        flops = 0.0
+        return total(entry)
+    found: dict[str, float] = {}
+
+    def walk(comp: str, times: float) -> None:
+        instrs, shapes, _ = comps[comp]
         for name, op, out, operands, attrs in instrs:
-            flops += _op_flops(op, out, operands, attrs, shapes)
-            if op == "while":
-                body = re.search(r"body=%?([\w.\-]+)", attrs).group(1)
-                cond = re.search(r"condition=%?([\w.\-]+)", attrs).group(1)
-                flops += _trip_count(attrs, comps[cond][0]) * (total(body) + total(cond))
-                continue
-            if op == "conditional":
-                branches = re.findall(r"%([\w.\-]+)", re.search(r"branch_computations=\{([^}]*)\}", attrs).group(1))
-                flops += max((total(b) for b in branches), default=0.0)  # the costliest branch
-                continue
-            for key in ("calls", "to_apply"):
-                for callee in re.findall(rf"\b{key}=%?([\w.\-]+)", attrs):
-                    if callee in comps:
-                        flops += total(callee)
-        return flops
+            f = _op_flops(op, out, operands, attrs, shapes)
+            if f:
+                m = re.search(r'op_name="([^"]*)"', attrs)
+                key = m.group(1) if m else name
+                found[key] = found.get(key, 0.0) + times * f
+            for c, n in _callees(op, operands, attrs, comps, comp):
+                walk(c, times * n)
 
-    return total(entry)
+    walk(entry, 1.0)
+    return found
 
 
 def _self_test() -> None:
