@@ -170,11 +170,19 @@ def _step(body: tuple, index: int | None) -> int:
     if update is None or update[0] != "add":
         return 1
     for a, b in (update[1], update[1][::-1]):
-        c = instrs.get(b)
-        if _tuple_index(instrs.get(a)) == index and c and c[0] == "constant":
+        c = instrs.get(_source(instrs, b))
+        if _tuple_index(instrs.get(_source(instrs, a))) == index and c and c[0] == "constant":
             value = re.match(r"\s*(-?\d+)\)", c[2])
             return max(int(value.group(1)), 1) if value else 1
     return 1
+
+
+def _source(instrs: dict, name: str) -> str:
+    """`name`, followed back through copies, bitcasts and converts."""
+    seen = 0
+    while name in instrs and instrs[name][0] in ("copy", "bitcast", "convert") and instrs[name][1] and seen < 32:
+        name, seen = instrs[name][1][0], seen + 1
+    return name
 
 
 def _init(caller: tuple, operand: str, index: int | None) -> int | None:
@@ -184,9 +192,7 @@ def _init(caller: tuple, operand: str, index: int | None) -> int | None:
     t = instrs.get(operand)
     if index is None or t is None or t[0] != "tuple" or index >= len(t[1]):
         return None
-    x = instrs.get(t[1][index])
-    while x is not None and x[0] in ("copy", "bitcast", "convert"):
-        x = instrs.get(x[1][0])
+    x = instrs.get(_source(instrs, t[1][index]))
     value = re.match(r"\s*(-?\d+)\)", x[2]) if x is not None and x[0] == "constant" else None
     return int(value.group(1)) if value else None
 
