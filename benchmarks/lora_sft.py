@@ -1,5 +1,5 @@
-"""LoRA vs full fine-tuning of the imported Llama fixture on CPU (configs/lora.py): the same data,
-steps and schedule; per mode the trainable and frozen parameters, the final validation loss, the
+"""LoRA vs full fine-tuning of the imported Llama fixture on CPU (configs/lora.py: chat SFT through the
+checkpoint's chat template, assistant-only loss): the same data, steps and schedule; per mode the trainable and frozen parameters, the final validation loss, the
 median step time, the compiled step's per-device memory (XLA's buffer assignment) and the
 process's peak resident memory.
 
@@ -37,16 +37,22 @@ def run_mode(imported: str, mode: str, steps: int, out: str) -> dict:
     env = dict(os.environ, PYTHONPATH=ROOT)
     proc = subprocess.run([sys.executable, "-c", CHILD, *args], cwd=ROOT, env=env, capture_output=True, text=True)
     log = proc.stdout + proc.stderr
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "bench.log"), "w") as f:
+        f.write(log)
     if proc.returncode or "peak_rss_kib" not in log:
         raise RuntimeError(f"{mode} failed:\n{log[-3000:]}")
     trained = int(re.search(r"model: ([\d,]+) parameters", log).group(1).replace(",", ""))
     frozen = re.search(r"frozen lora_base: ([\d,]+)", log)
-    total = float(re.search(r"total ([\d.]+) MiB", log).group(1))
+    size, unit = re.search(r"total ([\d.]+) (MiB|GiB)", log).groups()
+    total = float(size) * (1024 if unit == "GiB" else 1)
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     tok_s = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][1:]
     with open(os.path.join(workdir, "summary.json")) as f:
         summary = json.load(f)
-    tokens_per_step = 16 * 128  # configs/lora.py: train.batch_size × train.seq_len
+    with open(os.path.join(workdir, "config.json")) as f:
+        train_cfg = json.load(f)["train"]
+    tokens_per_step = train_cfg["batch_size"] * train_cfg["seq_len"]
     return {"mode": mode, "trainable": trained, "frozen": int(frozen.group(1).replace(",", "")) if frozen else 0,
             "valid_loss": summary.get("valid_loss"), "train_loss": summary.get("train_loss"),
             "step_ms": 1e3 * tokens_per_step / statistics.median(tok_s) if tok_s else float("nan"),
@@ -64,7 +70,7 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "lm.interop.hf", "import", "--hf_dir", FIXTURE, "--workdir", imported],
                        cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), check=True, capture_output=True)
     results = [run_mode(imported, mode, a.steps, a.out) for mode in a.modes.split(",")]
-    print(f"\n{a.steps} steps of 16 × 128 tokens, imported Llama fixture (configs/lora.py)\n")
+    print(f"\n{a.steps} steps of chat SFT (assistant-only loss), imported Llama fixture (configs/lora.py)\n")
     print("| mode | trainable params | frozen params | final valid loss | final train loss | step (ms, median) "
           "| compiled step (MiB/device) | peak RSS (MiB) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")

@@ -102,7 +102,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     lo.rank = 0  # adapter rank r; 0: off (the model, its parameters and its step are exactly the plain ones)
     lo.alpha = 16.0  # α: the adapter term is scaled by α/r (α/√r with rslora)
     lo.rslora = False  # rank-stabilized scaling α/√r instead of α/r
-    lo.dropout = 0.0  # adapter dropout; only 0 is supported (the forward pass takes no rng)
+    lo.dropout = 0.0  # adapter dropout (PEFT's lora_dropout): zeroes each adapter input in training with this probability
     lo.targets = "all"  # projections that get adapters: names from q, k, v, o, gate, up, down (or q_proj,
     # …), 'attention', 'mlp', 'all', or regexes over the names; comma-separated
     lo.base_dtype = "bfloat16"  # how the frozen base is held: 'float32', 'bfloat16', or the projections in

@@ -7,10 +7,12 @@ full fine-tuning for comparison: the same data, steps and schedule (experiments/
     python -m lm.cli.train --config=configs/lora.py:runs/llama_fixture,full --workdir=runs/full    # all weights
 
 The argument is the imported run (its model.*, tokenizer and parameters, as configs/hf_finetune.py
-takes them), then optionally ',lora' (default), ',qlora' or ',full'. The data: text (this
-repository's experiments/*.md, blocks held out for validation). A checkpoint of a LoRA
-run holds only the adapters and their optimizer state; the base is train.init_from, loaded again
-on resume.
+takes them), then optionally ',lora' (default), ',qlora' or ',full'. The data: configs/sft.py's
+synthetic chat (word_chat: reverse / upper-case / dash a word, held-out words for validation),
+rendered through the checkpoint's own chat template (lm/data/chat.py: uses_template) with
+assistant-only loss: only the answers and their closing <|eot_id|> are scored. A checkpoint of a
+LoRA run holds only the adapters and their optimizer state; the base is train.init_from, loaded
+again on resume.
 """
 
 import ml_collections
@@ -26,16 +28,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     mode = mode or "lora"
     if mode not in MODES:
         raise ValueError(f"configs/lora.py:<imported run>[,mode]: mode must be one of {MODES}, got {mode!r}")
-    c = sft.get_config()
-    # the data: lm's synthetic chat sources need lm's role tokens, which an imported tokenizer lacks, so
-    # the demonstration fine-tunes on text: this repository's experiment reports, one document per
-    # blank-line-separated block, 5% of the blocks (hashed) held out for validation; every token scored
-    c.objective = "pretrain"  # SFT's loss with every token scored (objective 'sft' insists on chat sources)
-    c.data.source = "text"
-    c.data.text.train_files = "experiments/*.md"
-    c.data.text.document = "block"
-    c.data.valid_fraction = 0.05
-    c.data.packing = "concat"
+    c = sft.get_config()  # objective 'sft', data.source 'word_chat', assistant-only loss, first-fit packing
+    # the chat renders through the imported tokenizer's template (its role headers and <|eot_id|>), not
+    # lm's role markers, which the checkpoint's vocabulary does not have
+    c.data.word_chat.system_prompt_prob = 0.0  # shorter conversations: the fixture's tokenizer is byte-level
     if run:
         imported = read_config(run)
         for name, value in imported.model.items():
@@ -46,13 +42,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.train.init_from = run  # the base: the imported parameters
     c.train.steps = 300  # optimizer steps (a few minutes on a CPU for the fixture)
     c.train.batch_size = 16  # rows per step
-    c.train.seq_len = 128  # tokens per row
+    c.train.seq_len = 256  # tokens per row: whole conversations (1–2 exchanges, ≤ ~120 tokens each with the fixture)
     c.train.log_every = 25  # steps between metric lines
     c.train.eval_every = 100  # steps between validation passes
     c.data.num_valid_batches = 4  # validation batches (the same every pass)
     c.optimizer.warmup_steps = 20  # linear warmup
     c.optimizer.weight_decay = 0.0  # no decay towards zero of pretrained weights (nor of the adapters)
-    c.eval.evaluators = ""  # the fixture's random weights have no task skill to measure: compare losses
+    c.eval.evaluators = ""  # compare validation losses (exact_match needs lm's role markers to stop a reply)
 
     if mode == "full":
         c.optimizer.lr = 1e-3  # every weight trained

@@ -227,3 +227,35 @@ def test_fine_tuning_starts_from_the_imported_parameters(run_dir, tmp_path):
     _, _, params, _ = checkpoint.load_for_inference(str(tmp_path / "ft"))
     _, want = hf.load_params(fixture_dir("llama"))
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), params, want)
+
+
+def test_chat_sources_render_through_an_imported_tokenizers_template():
+    """lm's chat data (word_chat, chat_jsonl) with a checkpoint's tokenizer (no lm role markers) renders
+    through its chat template: assistant-only weights on the answers and their <|eot_id|>, the last
+    answer only, or every token; truncate_left drops the oldest exchange and keeps the system turn;
+    the generation prompt is the conversation's prefix; an SFT batch scores exactly the answers."""
+    from configs import lora as lora_config
+    from lm.data import build_iterator, chat
+
+    tok = load_tokenizer("hf:" + fixture_dir("llama"))
+    assert chat.uses_template(tok) and not chat.uses_template(load_tokenizer("byte"))
+    end = tok.decode([tok.eos_id])
+    scored = lambda out: tok.decode(out.tokens[out.weights > 0])  # noqa: E731
+    full = chat.render_conversation(CHAT, tok)
+    assert scored(full) == f"I am fine.{end}The quick brown fox.{end}" and tok.decode(full.tokens) == tok.render_text(CHAT)
+    assert np.array_equal(full.role_ids == 3, full.weights > 0)  # ROLE_ASSISTANT on the scored spans
+    assert scored(chat.render_conversation(CHAT, tok, loss_policy="last_assistant")) == f"The quick brown fox.{end}"
+    everything = chat.render_conversation(CHAT, tok, loss_policy="all")
+    assert everything.weights[0] == 0 and everything.weights[1:].all()
+    cut = chat.render_conversation(CHAT, tok, max_tokens=len(full.tokens) - 1, overflow="truncate_left")
+    assert cut.dropped_messages == 2 and tok.decode(cut.tokens) == tok.render_text(CHAT[:1] + CHAT[3:])
+    with pytest.raises(Exception, match="conversation_too_long"):
+        chat.render_conversation(CHAT, tok, max_tokens=len(full.tokens) - 1, overflow="drop")
+    prompt = chat.render_prompt(CHAT[:-1], tok)
+    assert np.array_equal(prompt, full.tokens[:len(prompt)]) and tok.decode(full.tokens[len(prompt):]).startswith("The")
+    config = lora_config.get_config()
+    config.data.tokenizer = "hf:" + fixture_dir("llama")
+    batch = next(iter(build_iterator(config.data, split="train", batch_size=2, seq_len=256, seed=0, tokenizer=tok)))
+    for row in range(2):  # the scored targets: answers, each closed by <|eot_id|>; no header, no question
+        answers = tok.decode(batch["targets"][row][batch["loss_mask"][row] > 0])
+        assert answers.endswith(end) and "<|start_header_id|>" not in answers and "?" not in answers, answers

@@ -166,3 +166,46 @@ def test_the_base_as_held_is_what_the_adapted_model_computes_with():
     held = lora.as_held(float_params, "nf4", 8)
     np.testing.assert_array_equal(held["blocks"]["attn"]["wq"], lora.kernel(model.blocks.attn.wq))
     np.testing.assert_array_equal(held["embed"], model.embed[...].astype(jnp.float32))
+
+
+def test_adapter_dropout_in_training_only_with_the_right_expectation():
+    """PEFT's lora_dropout: with keys (a training forward) the adapter path reads x·m/(1−p) with one
+    Bernoulli mask per adapted weight; its mean over masks is the deterministic output (the term is
+    linear in the dropped input); without keys the output is the no-dropout one, bit for bit."""
+    p = 0.25
+    attn = Attention(CFG, rngs=nnx.Rngs(0))
+    lora.add_adapters(attn, ["q", "v"], 4, 2.0, nnx.Rngs(1))
+    attn.wq_lora_b.set_value(0.3 * jax.random.normal(jax.random.key(4), attn.wq_lora_b.shape))
+    attn.wv_lora_b.set_value(0.3 * jax.random.normal(jax.random.key(5), attn.wv_lora_b.shape))
+    x2 = jax.random.normal(jax.random.key(0), (6, CFG.d_model))
+    attrs = ("wq", "wk", "wv")
+    g0, s0 = nnx.split(attn)
+    plain = jax.jit(lambda s: lora.project(nnx.merge(g0, s), x2, attrs, jnp.float32))(nnx.to_pure_dict(s0))
+    lora.add_dropout_keys(attn, p)
+    assert attn.lora_dropout_key.shape == (2,) and attn.lora_dropout == p
+    graphdef, state = nnx.split(attn)
+    params = nnx.to_pure_dict(state)
+
+    @jax.jit
+    @jax.vmap
+    def with_key(key):
+        module = nnx.merge(graphdef, dict(params, **{lora.DROPOUT_KEY: jax.random.key_data(key)}))
+        return lora.project(module, x2, attrs, jnp.float32)
+
+    n = 2048
+    keys = jax.random.split(jax.random.key(7), n)
+    outs = with_key(keys)
+    key, got = keys[0], [o[0] for o in outs]
+    np.testing.assert_allclose(got[1], plain[1], atol=1e-5)  # k has no adapter: no dropout (another program)
+    # the reference with the same masks, written out: y = xW + s·((x·m/(1−p))·A)·B
+    for i, a in ((0, "wq"), (2, "wv")):
+        mask = jax.random.bernoulli(jax.random.fold_in(key, list(lora.ATTRS).index(a)), 1 - p, x2.shape)
+        lora_a = getattr(attn, a + "_lora_a")[...].reshape(CFG.d_model, -1)
+        lora_b = getattr(attn, a + "_lora_b")[...].reshape(4, -1)
+        base = x2 @ getattr(attn, a)[...].reshape(CFG.d_model, -1)
+        np.testing.assert_allclose(got[i], base + 2.0 * ((jnp.where(mask, x2 / (1 - p), 0) @ lora_a) @ lora_b),
+                                   atol=1e-5)
+        assert float(jnp.max(jnp.abs(got[i] - plain[i]))) > 1e-2  # training differs from eval
+    assert not np.array_equal(got[0] - plain[0], got[2] - plain[2])  # q and v: different masks
+    spread = np.asarray(jnp.std(outs[0], axis=0)) / np.sqrt(n)
+    assert np.all(np.abs(np.asarray(jnp.mean(outs[0], axis=0) - plain[0])) <= 5 * spread + 1e-5)

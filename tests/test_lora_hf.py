@@ -56,7 +56,7 @@ def runs(tmp_path_factory):
 def test_lm_to_peft_to_lm_is_exact(runs, tmp_path):
     model_cfg, _, adapters, adapter_dir, lora_run, lc = runs
     back, fields = peft.load_adapter(adapter_dir, model_cfg)
-    assert fields == {"rank": 4, "alpha": 8.0, "rslora": False, "targets": "q,v,o,down"}
+    assert fields == {"rank": 4, "alpha": 8.0, "rslora": False, "targets": "q,v,o,down", "dropout": 0.0}
     jax.tree.map(np.testing.assert_array_equal, back, adapters)
     # the imported run's checkpoint holds exactly these adapters, and exports them unchanged
     _, config, restored, _ = hf_run.lora_run_params(lora_run)
@@ -94,3 +94,52 @@ def test_peft_loads_the_adapter_over_the_transformers_base_with_lm_logits(runs):
     with torch.no_grad():
         got = model(torch.as_tensor(TOKENS[None].astype(np.int64))).logits[0].numpy()
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def test_the_merged_export_of_a_bfloat16_base_is_bfloat16(runs, tmp_path):
+    """A base imported from bfloat16 weights exports merged in bfloat16 (PEFT's merge_and_unload keeps
+    the base's dtype): W + s·B·A computed in float32, then rounded to nearest even; the weights
+    without adapters come back bit for bit."""
+    import json
+    import shutil
+
+    import ml_dtypes
+
+    _, _, adapters, adapter_dir, _, lc = runs
+    src = tmp_path / "bf16"
+    src.mkdir()
+    original = {k: np.asarray(v, np.float32).astype(ml_dtypes.bfloat16)
+                for k, v in safetensors_io.read_dir(fixture_dir("llama")).items()}
+    safetensors_io.write_file(str(src / "model.safetensors"), original)
+    config = hf.read_hf_config(fixture_dir("llama"))
+    (src / "config.json").write_text(json.dumps(dict(config, dtype="bfloat16")))
+    shutil.copy(os.path.join(fixture_dir("llama"), "tokenizer.json"), src)
+    shutil.copy(os.path.join(fixture_dir("llama"), "tokenizer_config.json"), src)
+    assert hf_run.main(["import", "--hf_dir", str(src), "--workdir", str(tmp_path / "base")]) == 0
+    assert hf_run.original_dtype(str(tmp_path / "base")) == "bfloat16"
+    assert hf_run.main(["import_adapter", "--adapter_dir", adapter_dir, "--base_run", str(tmp_path / "base"),
+                        "--workdir", str(tmp_path / "lora")]) == 0
+    assert hf_run.main(["export", "--run_dir", str(tmp_path / "lora"), "--hf_dir", str(tmp_path / "out")]) == 0
+    got = safetensors_io.read_dir(str(tmp_path / "out"))
+    assert hf.read_hf_config(str(tmp_path / "out"))["torch_dtype"] == "bfloat16"
+    assert sorted(got) == sorted(original) and all(v.dtype == ml_dtypes.bfloat16 for v in got.values())
+    model_cfg, base = hf.load_params(str(src))
+    scale = lora.scaling(lc.rank, lc.alpha)
+    full = lora_train.combine(jax.tree.map(jnp.asarray, adapters), {lora_train.BASE: base}, False)[0]
+    want = hf.hf_from_params(jax.tree.map(np.asarray, lora.merge_weights(full, scale)), model_cfg, "bfloat16")
+    for name in original:
+        np.testing.assert_array_equal(got[name].view(np.uint16), want[name].view(np.uint16), err_msg=name)
+    # the same from PEFT's tensors in torch's layout: W + s·B·A (float64), within half a bfloat16 step
+    tensors = safetensors_io.read_file(os.path.join(adapter_dir, peft.WEIGHTS_FILE))
+    touched = 0
+    for name, w in original.items():
+        stem = "base_model.model." + name.removesuffix(".weight")
+        if stem + ".lora_A.weight" not in tensors:
+            np.testing.assert_array_equal(got[name].view(np.uint16), w.view(np.uint16), err_msg=name)
+            continue
+        exact = w.astype(np.float64) + scale * (tensors[stem + ".lora_B.weight"].astype(np.float64)
+                                                @ tensors[stem + ".lora_A.weight"].astype(np.float64))
+        step = np.abs(exact) * 2.0 ** -8 + 1e-30  # one bfloat16 ulp is ≤ |x|·2⁻⁷
+        assert np.all(np.abs(got[name].astype(np.float64) - exact) <= step), name
+        touched += 1
+    assert touched == 4 * model_cfg.num_layers  # q, v, o, down in each layer

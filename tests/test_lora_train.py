@@ -80,8 +80,10 @@ def test_reward_model_trains_adapters_and_its_head():
 
 
 def test_steps_train_only_the_adapters_from_the_base_outputs():
-    base_dtype = "float32"
-    config = config_of(base_dtype=base_dtype)
+    """With adapter dropout (lora.dropout 0.3): step 0 is the base model bit for bit (in training too: at
+    B = 0 the dropped path adds exactly 0), steps move only the adapters and lower the loss."""
+    config = config_of(base_dtype="float32")
+    config.lora.dropout = 0.3
     setup, model, optimizer, schedule, make_loss = planned(config, lambda g: pretrain.make_loss_fn(config, g))
     state = train.init_state(model, optimizer, setup, 0)
     frozen = {lora_train.BASE: train.init_frozen(setup, lora_train.BASE, 0)}
@@ -92,6 +94,7 @@ def test_steps_train_only_the_adapters_from_the_base_outputs():
     plain = Transformer(CFG, rngs=nnx.Rngs(0))  # step 0 is the base model, bit for bit
     want = jax.jit(lambda m: pretrain.token_loss(m, batch, config.loss).sum)(plain)
     assert float(step0) == float(want)
+    check_dropout(config, make_loss(setup.graphdef), state.params, frozen, batch)
     step = train.jit_train_step(train.make_train_step(loss_fn, optimizer, schedule), setup)
     losses = []
     for i in range(3):
@@ -101,6 +104,34 @@ def test_steps_train_only_the_adapters_from_the_base_outputs():
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.array, frozen), before)  # the base: untouched
     b_norm = sum(float(jnp.sum(v ** 2)) for k, v in leaves(state.params).items() if k.endswith("_lora_b"))
     assert b_norm > 0
+
+
+def check_dropout(config, loss_fn, params, frozen, batch):
+    """PEFT's lora_dropout on the adapter inputs: with B ≠ 0 a train step's loss (a key) differs from the
+    eval step's (rng None), which equals the dropout-0 loss bit for bit, as does the training loss at
+    B = 0; the same key gives the same loss, another key another; with dropout 0 no key matters."""
+    no_dropout = config.copy_and_resolve_references()
+    no_dropout.lora.dropout = 0.0
+    loss_0 = lora_train.adapt(no_dropout, CFG, {}, lambda g: pretrain.make_loss_fn(no_dropout, g), None)[2]
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: lora_train.AdaptedFactory(
+        lambda rngs: Transformer(CFG, rngs=rngs), no_dropout.lora)(nnx.Rngs(0))))
+    loss_0 = loss_0(graphdef)
+    keys = iter(jax.random.split(jax.random.key(9), 64))
+    moved = jax.tree_util.tree_map_with_path(  # B ≠ 0: the adapters do something
+        lambda p, x: 0.2 * jax.random.normal(next(keys), x.shape) if str(p[-1].key).endswith("_b") else x, params)
+
+    @jax.jit  # one program
+    def losses(params, moved, frozen):
+        k3, k4 = jax.random.key(3), jax.random.key(4)
+        on = lambda p, key: loss_fn(p, batch, key, frozen)[0]  # noqa: E731
+        off = lambda p, key: loss_0(p, batch, key, frozen)[0]  # noqa: E731
+        return {"b0": on(params, k3), "train": on(moved, k3), "again": on(moved, k3), "other": on(moved, k4),
+                "eval": on(moved, None), "off_b0": off(params, k3), "off_train": off(moved, k3),
+                "off_eval": off(moved, None)}
+
+    got = jax.tree.map(float, losses(params, moved, frozen))
+    assert got["off_train"] == got["off_eval"] == got["eval"] and got["b0"] == got["off_b0"]
+    assert got["train"] == got["again"] and got["train"] != got["other"] and abs(got["train"] - got["eval"]) > 1e-3
 
 
 def preference_batch():

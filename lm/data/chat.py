@@ -38,6 +38,14 @@ row, so that a conversation that fits is never split across rows):
   Under either policy, a conversation whose last scored exchange alone does not fit is a
   bad record 'conversation_too_long': an answer is never cut without a record.
 
+A Hugging Face checkpoint's tokenizer (lm/data/hf_tokenizer.py: no lm role markers, a chat template)
+renders through its own template instead (`uses_template`): the tokens are the template's (bos
+as the template writes it; `add_bos` is not consulted), 'assistant_only' weighs the template's
+assistant spans (its {% generation %} blocks, closing token included), 'last_assistant' only the
+last one, 'all' every token after the first; role_ids are ROLE_ASSISTANT on the assistant spans
+and ROLE_USER on the rest (the template's system and user text are not told apart); overflow
+works as above, each shortened history rendered again.
+
 Bad conversations raise `BadRecord` (the pipeline turns it into an error or a count, per
 `data.on_error`): not a list / empty ('empty_document'), a message that is not an object or
 lacks role/content, an unknown role ('unknown_role'), empty content ('empty_document'), and,
@@ -139,6 +147,59 @@ def _first_kept(pairs, parts, head: int, budget: int, need_assistant: bool) -> i
     return None
 
 
+def uses_template(tokenizer: Tokenizer) -> bool:
+    """Whether conversations render through the tokenizer's own chat template (a Hugging Face
+    checkpoint's tokenizer) rather than lm's role markers."""
+    return callable(getattr(tokenizer, 'render_chat', None)) and callable(getattr(tokenizer, 'render_prompt', None))
+
+
+def _render_template(pairs, tokenizer, loss_policy: str, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tokens, weights, role_ids) of `pairs` through the tokenizer's chat template."""
+    messages = [{'role': role, 'content': content} for role, content in pairs]
+    if not getattr(tokenizer, 'chat_template', None):
+        raise ValueError(f'{getattr(tokenizer, "directory", tokenizer)}: the tokenizer has no chat template '
+                         '(tokenizer_config.json: chat_template) and no lm role markers: chat data cannot be rendered')
+    try:
+        tokens, assistant = tokenizer.render_chat(messages)
+    except ValueError as e:  # the template cannot render this conversation (its own check)
+        raise BadRecord('wrong_type', where, f'chat template: {e}') from None
+    roles = np.where(assistant > 0, ROLE_NAMES['assistant'], ROLE_NAMES['user']).astype(np.int32)
+    if loss_policy == 'all':
+        weights = np.ones(len(tokens), np.float32)
+        weights[:1] = 0.0  # nothing predicts the first token
+    else:
+        weights = assistant.astype(np.float32)
+        answers = [i for i, (role, _) in enumerate(pairs) if role == 'assistant']
+        if loss_policy == 'last_assistant' and answers and answers[-1] > 0:  # earlier answers: context
+            weights[:len(tokenizer.render_prompt(messages[:answers[-1]]))] = 0.0
+    return np.asarray(tokens, np.int32), weights, roles
+
+
+def _render_conversation_template(pairs, tokenizer, loss_policy: str, max_tokens: int | None, overflow: str,
+                                  where: str) -> RenderedChat:
+    """render_conversation through the tokenizer's chat template (module docstring)."""
+    tokens, weights, roles = _render_template(pairs, tokenizer, loss_policy, where)
+    if overflow == 'none' or max_tokens is None or len(tokens) <= max_tokens:
+        return RenderedChat(tokens, weights, roles, 0)
+    if overflow == 'drop':
+        raise BadRecord(TOO_LONG, where, f'{len(tokens)} tokens do not fit a row of {max_tokens} '
+                        "(data.chat_overflow='drop')")
+    head = 0
+    while head < len(pairs) and pairs[head][0] == 'system':
+        head += 1
+    need_assistant = loss_policy != 'all' and any(role == 'assistant' for role, _ in pairs)
+    for k in range(head + 1, len(pairs)):
+        if pairs[k][0] == 'assistant':
+            continue  # would score an answer whose question was dropped
+        if need_assistant and not any(role == 'assistant' for role, _ in pairs[k:]):
+            break
+        tokens, weights, roles = _render_template(pairs[:head] + pairs[k:], tokenizer, loss_policy, where)
+        if len(tokens) <= max_tokens:
+            return RenderedChat(tokens, weights, roles, k - head)
+    raise BadRecord(TOO_LONG, where, f'{len(tokens)} tokens do not fit a row of {max_tokens}, and dropping older '
+                    'turns does not make the last exchange fit')
+
+
 def render_conversation(messages: Sequence, tokenizer: Tokenizer, *, loss_policy: str = 'assistant_only',
                         add_bos: bool = True, max_tokens: int | None = None,
                         overflow: str = 'none', require_assistant: bool = False,
@@ -158,6 +219,8 @@ def render_conversation(messages: Sequence, tokenizer: Tokenizer, *, loss_policy
                     for m in messages]
     pairs = validate_messages(messages, where,
                               require_assistant=require_assistant, allow_empty=allow_empty)
+    if uses_template(tokenizer):
+        return _render_conversation_template(pairs, tokenizer, loss_policy, max_tokens, overflow, where)
     parts = _message_parts(pairs, tokenizer, loss_policy)
     prefix = 1 if add_bos else 0
     total = prefix + sum(len(p[0]) for p in parts)
@@ -201,5 +264,8 @@ def render_prompt(messages: Sequence, tokenizer: Tokenizer, *, add_bos: bool = T
     Sampling from here should produce the assistant content and then <|end_of_turn|>.
     Returns int32 [n]. Empty contents are allowed here (a reply may have been empty).
     """
+    if uses_template(tokenizer):  # the checkpoint's template: its generation prompt (assistant header)
+        pairs = validate_messages(list(messages), '<prompt>', allow_empty=True)
+        return np.asarray(tokenizer.render_prompt([{'role': r, 'content': c} for r, c in pairs]), np.int32)
     tokens = render_conversation(messages, tokenizer, add_bos=add_bos, allow_empty=True).tokens
     return np.concatenate([tokens, [tokenizer.role_ids['assistant']]]).astype(np.int32)

@@ -24,13 +24,16 @@ def split_reply(tokens: list[int], end_of_turn: int) -> tuple[list[int], bool, l
 
 
 def evaluate_answers(graphdef: Any, params: Any, tokenizer: Any, examples: list[dict], *,
-                     max_answer_tokens: int, continue_tokens: int, batch_size: int, seed: int = 0) -> dict:
+                     max_answer_tokens: int, continue_tokens: int, batch_size: int, seed: int = 0, mesh=None,
+                     rules=None) -> dict:
     """Greedy replies to `examples` ({'messages': [... final assistant message], 'answer'}).
 
     The prompt is the conversation without its final answer, ending with <|assistant|>. The
     model generates max_answer_tokens + 1 + continue_tokens tokens without stopping: the
     answer is what precedes the first <|end_of_turn|>, and the tokens after it show what the
     model does when left to continue (does it write a <|user|> turn itself?).
+
+    mesh, rules: the run's mesh and rules, that decoding is laid out by (lm.sampling.generate).
 
     Returns {'exact_match', 'stopped', 'writes_user_turn': fractions, 'n', 'replies': [...]}.
     """
@@ -42,7 +45,8 @@ def evaluate_answers(graphdef: Any, params: Any, tokenizer: Any, examples: list[
     settings = sampling.SamplingConfig(temperature=0.0, max_new_tokens=max_answer_tokens + 1 + continue_tokens)
     outputs = []
     for start in range(0, len(prompts), batch_size):
-        outputs += sampling.generate(graphdef, params, prompts[start:start + batch_size], settings, seed=seed)
+        outputs += sampling.generate(graphdef, params, prompts[start:start + batch_size], settings, seed=seed,
+                                     mesh=mesh, rules=rules)
     replies, exact, stopped, writes_user = [], 0, 0, 0
     for ex, prompt, out in zip(examples, prompts, outputs):
         answer_ids, ended, rest = split_reply(out, eot)
@@ -57,6 +61,12 @@ def evaluate_answers(graphdef: Any, params: Any, tokenizer: Any, examples: list[
     n = len(examples)
     return {"exact_match": exact / n, "stopped": stopped / n, "writes_user_turn": writes_user / n, "n": n,
             "replies": replies}
+
+
+def mesh_of(ctx) -> dict:
+    """{mesh, rules} of the run (its Setup), for lm.sampling.generate; {} without one."""
+    setup = getattr(ctx, "setup", None)
+    return {} if setup is None else {"mesh": setup.mesh, "rules": setup.rules}
 
 
 def evaluate(ctx) -> dict:
@@ -76,7 +86,8 @@ def evaluate(ctx) -> dict:
     ec = config.eval.exact_match
     examples = [valid.example(i) for i in range(ec.examples)]
     out = evaluate_answers(ctx.graphdef, ctx.params, tokenizer, examples, max_answer_tokens=ec.max_answer_tokens,
-                           continue_tokens=ec.continue_tokens, batch_size=ec.batch_size, seed=config.seed)
+                           continue_tokens=ec.continue_tokens, batch_size=ec.batch_size, seed=config.seed,
+                           **mesh_of(ctx))
     summary = {"exact_match": out["exact_match"], "exact_match_n": out["n"], "stopped_at_end_of_turn": out["stopped"],
                "writes_user_turn": out["writes_user_turn"], "eval_seconds": time.perf_counter() - started}
     if jax.process_index() == 0:

@@ -15,7 +15,7 @@ import jax
 
 def evaluate(ctx) -> dict:
     from lm import data
-    from lm.evals.exact_match import evaluate_answers
+    from lm.evals.exact_match import evaluate_answers, mesh_of
 
     config, started = ctx.config, time.perf_counter()
     valid = data.build_source(config.data, split="valid", seq_len=config.train.seq_len, seed=config.seed,
@@ -32,7 +32,8 @@ def evaluate(ctx) -> dict:
     out = {}
     for name, (graphdef, params) in models.items():
         result = evaluate_answers(graphdef, params, ctx.tokenizer, examples, max_answer_tokens=ec.max_answer_tokens,
-                                  continue_tokens=ec.continue_tokens, batch_size=ec.batch_size, seed=config.seed)
+                                  continue_tokens=ec.continue_tokens, batch_size=ec.batch_size, seed=config.seed,
+                                  **mesh_of(ctx))
         out[f"{name}_exact_match"] = result["exact_match"]
         out[f"{name}_error_rate"] = 1.0 - result["exact_match"]
         if jax.process_index() == 0:

@@ -22,7 +22,9 @@ def evaluate(ctx) -> dict:
         prompts = [row[:16].tolist() for row in batch["inputs"][: sc.num_samples]]
     settings = sampling.SamplingConfig(temperature=sc.temperature, top_k=sc.top_k, top_p=sc.top_p,
                                        max_new_tokens=sc.max_new_tokens)
-    outs = sampling.generate(ctx.graphdef, ctx.params, prompts, settings, seed=config.seed)
+    from lm.evals.exact_match import mesh_of
+
+    outs = sampling.generate(ctx.graphdef, ctx.params, prompts, settings, seed=config.seed, **mesh_of(ctx))
     print(f"samples ({'greedy' if sc.temperature == 0 else f'temperature {sc.temperature}'}):")
     for prompt, out in zip(prompts, outs):
         print(f"  {tokenizer.decode(prompt)!r} → {tokenizer.decode(out)!r}")

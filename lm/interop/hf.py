@@ -101,9 +101,9 @@ def model_fields_from_hf(hf: dict, where: str = "config.json") -> dict:
     return fields
 
 
-def hf_config_from_model(cfg, architecture: str | None = None) -> dict:
+def hf_config_from_model(cfg, architecture: str | None = None, dtype: str = "float32") -> dict:
     """A config.json dict for `cfg` (an lm ModelConfig). architecture: one of ARCHITECTURES;
-    None: Qwen2ForCausalLM when cfg.qkv_bias, else LlamaForCausalLM."""
+    None: Qwen2ForCausalLM when cfg.qkv_bias, else LlamaForCausalLM. dtype: the tensors' (torch_dtype)."""
     arch = architecture or ("Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM")
     if arch not in ARCHITECTURES:
         raise UnsupportedCheckpointError(f"architecture {arch!r} is not one of {list(ARCHITECTURES)}")
@@ -118,7 +118,7 @@ def hf_config_from_model(cfg, architecture: str | None = None) -> dict:
         "hidden_size": cfg.d_model, "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
         "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim_, "intermediate_size": cfg.mlp_dim,
         "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
-        "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": "float32", "max_position_embeddings": 8192,
+        "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": dtype, "max_position_embeddings": 8192,
         "attention_dropout": 0.0,
     }
     if arch == "LlamaForCausalLM":
@@ -219,9 +219,11 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], cfg, where: str = "checkpo
     return params
 
 
-def hf_from_params(params: Mapping, cfg) -> dict[str, np.ndarray]:
-    """lm's parameter tree → HF tensors (name → contiguous float32 array)."""
-    c = lambda a: np.ascontiguousarray(np.asarray(a, np.float32))  # noqa: E731
+def hf_from_params(params: Mapping, cfg, dtype: str = "float32") -> dict[str, np.ndarray]:
+    """lm's parameter tree → HF tensors (name → contiguous array in `dtype`: each value taken in
+    float32, then rounded to nearest even, as torch's .to(dtype))."""
+    store = np_dtype(dtype)
+    c = lambda a: np.ascontiguousarray(np.asarray(a, np.float32).astype(store))  # noqa: E731
     out = {"model.embed_tokens.weight": c(params["embed"]), "model.norm.weight": c(params["final_norm"]["scale"])}
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = c(np.asarray(params["lm_head"]).T)
@@ -230,6 +232,30 @@ def hf_from_params(params: Mapping, cfg) -> dict[str, np.ndarray]:
         for i in range(cfg.num_layers):
             out[template.format(i=i)] = c(to_hf(stacked[i]))
     return out
+
+
+# -- dtypes -------------------------------------------------------------------------------------------
+
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")  # the dtypes an export may write
+
+
+def np_dtype(name: str):
+    """'float32' | 'bfloat16' | 'float16' → the numpy dtype (ml_dtypes' bfloat16)."""
+    if name not in FLOAT_DTYPES:
+        raise ValueError(f"dtype {name!r} is not one of {list(FLOAT_DTYPES)}")
+    return np.dtype(safetensors_io.DTYPES[{"float32": "F32", "bfloat16": "BF16", "float16": "F16"}[name]])
+
+
+def tensors_dtype(tensors: Mapping[str, Any]) -> str:
+    """The float dtype holding most of a checkpoint's weights ('bfloat16' for a bf16 checkpoint
+    that keeps a few float32 norms), by element count; 'float32' when none is a float."""
+    names = {np_dtype(n): n for n in FLOAT_DTYPES}
+    counts: dict[str, int] = {}
+    for a in tensors.values():
+        name = names.get(np.dtype(a.dtype).newbyteorder("="))
+        if name is not None:
+            counts[name] = counts.get(name, 0) + int(np.prod(a.shape))
+    return max(counts, key=counts.get) if counts else "float32"
 
 
 # -- files --------------------------------------------------------------------------------------------
@@ -270,17 +296,18 @@ def load(hf_dir: str, **overrides):
     return nnx.merge(graphdef, abstract)
 
 
-def save(model, hf_dir: str, architecture: str | None = None, params: Any = None) -> str:
+def save(model, hf_dir: str, architecture: str | None = None, params: Any = None, dtype: str = "float32") -> str:
     """Write `model` (an lm Transformer; or its ModelConfig with `params`) as config.json +
-    model.safetensors in `hf_dir`, loadable by transformers.AutoModelForCausalLM.from_pretrained."""
+    model.safetensors in `hf_dir`, loadable by transformers.AutoModelForCausalLM.from_pretrained.
+    dtype: the tensors' ('float32', 'bfloat16' or 'float16'; the values rounded to nearest even)."""
     from flax import nnx
 
     cfg = model if params is not None else model.cfg
     if params is None:
         params = nnx.to_pure_dict(nnx.split(model, nnx.Param)[1])
-    hf = hf_config_from_model(cfg, architecture)
+    hf = hf_config_from_model(cfg, architecture, dtype)
     os.makedirs(hf_dir, exist_ok=True)
-    safetensors_io.write_file(os.path.join(hf_dir, safetensors_io.SINGLE_FILE), hf_from_params(params, cfg),
+    safetensors_io.write_file(os.path.join(hf_dir, safetensors_io.SINGLE_FILE), hf_from_params(params, cfg, dtype),
                               metadata={"format": "pt"})
     with open(os.path.join(hf_dir, "config.json"), "w") as f:
         json.dump(hf, f, indent=2, sort_keys=True)

@@ -11,13 +11,18 @@
     W/tokenizer_metadata.json     the tokenizer record runs keep next to their checkpoints
     W/checkpoints/0/              a TrainState at step 0: the imported params, a fresh AdamW state
     W/hf/                         D's config.json and tokenizer files, copied (export reads the
-                                  architecture from here; the tokenizer is loaded from here)
+                                  architecture from here; the tokenizer is loaded from here), and
+                                  lm_import.json: D's path and its weights' dtype (e.g. bfloat16;
+                                  the run holds them in float32, exactly)
 so `python -m lm.cli.sample --run_dir W` samples from it, and a fine-tuning run starts from it with
 `--config=configs/hf_finetune.py:W` (its model, tokenizer and train.init_from), or with
 train.init_from=W and the same model.* fields (and a RewardModel or a policy with a value head
 starts from it the same way, with a fresh head).
 `export` writes the newest (or --step) checkpoint's params as config.json + model.safetensors,
 plus W/hf's tokenizer files, into D2: transformers' AutoModelForCausalLM.from_pretrained(D2) loads it.
+Tensors are written in float32, or `--dtype`; a LoRA run's merged export defaults to its imported
+base's original dtype (lm_import.json; the merge computed in float32, then rounded to nearest even,
+as PEFT's merge_and_unload keeps the base's dtype).
 A LoRA run (config.lora.rank > 0) exports its base with the adapters merged in, or with
 --adapters_only a PEFT adapter directory (lm/interop/peft.py) that peft.PeftModel.from_pretrained
 loads over the base; `import_adapter --adapter_dir A --base_run W --workdir W2` makes a LoRA run
@@ -33,10 +38,28 @@ import shutil
 import sys
 from typing import Sequence
 
-from lm.interop import hf
+from lm.interop import hf, safetensors_io
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 HF_SUBDIR = "hf"
+IMPORT_RECORD = "lm_import.json"  # in W/hf: {"source": D, "dtype": the weights' dtype in D}
+
+
+def original_dtype(run_dir: str) -> str:
+    """The dtype of the Hugging Face weights `run_dir` was imported from: its hf/lm_import.json, else
+    (an import made before that record existed) its hf/config.json's dtype / torch_dtype; 'float32'
+    for a run that was not imported."""
+    import json
+
+    record = os.path.join(run_dir, HF_SUBDIR, IMPORT_RECORD)
+    if os.path.exists(record):
+        with open(record) as f:
+            return json.load(f)["dtype"]
+    if os.path.exists(os.path.join(run_dir, HF_SUBDIR, "config.json")):
+        declared = hf.read_hf_config(os.path.join(run_dir, HF_SUBDIR))
+        name = declared.get("dtype") or declared.get("torch_dtype") or "float32"
+        return name if name in hf.FLOAT_DTYPES else "float32"
+    return "float32"
 
 
 def run_config(model_cfg, tokenizer_spec: str, add_bos: bool):
@@ -67,10 +90,14 @@ def import_run(hf_dir: str, workdir: str) -> str:
     workdir = os.path.abspath(workdir)
     if os.path.isdir(checkpoint.checkpoint_dir(workdir)) and os.listdir(checkpoint.checkpoint_dir(workdir)):
         raise FileExistsError(f"{workdir} already holds checkpoints; import into a new directory")
+    import json
+
     model_cfg, params = hf.load_params(hf_dir)
     copy_dir = os.path.join(workdir, HF_SUBDIR)
     os.makedirs(copy_dir, exist_ok=True)
     shutil.copy(os.path.join(hf_dir, "config.json"), copy_dir)
+    with open(os.path.join(copy_dir, IMPORT_RECORD), "w") as f:
+        json.dump({"source": os.path.abspath(hf_dir), "dtype": hf.tensors_dtype(safetensors_io.read_dir(hf_dir))}, f)
     for name in TOKENIZER_FILES:
         if os.path.exists(os.path.join(hf_dir, name)):
             shutil.copy(os.path.join(hf_dir, name), copy_dir)
@@ -140,10 +167,12 @@ def lora_merged(run_dir: str, step: int | None = None):
 
 
 def export_run(run_dir: str, hf_dir: str, architecture: str | None = None, step: int | None = None,
-               adapters_only: bool = False) -> str:
+               adapters_only: bool = False, dtype: str | None = None) -> str:
     """Write run `run_dir`'s newest (or `step`) params as a Hugging Face checkpoint in `hf_dir`. A
-    LoRA run: its base with the adapters merged in (W + s·A·B, PEFT's merge_and_unload), or with
-    `adapters_only` the adapters as a PEFT adapter directory (lm/interop/peft.py)."""
+    LoRA run: its base with the adapters merged in (W + s·A·B in float32, PEFT's merge_and_unload),
+    or with `adapters_only` the adapters as a PEFT adapter directory (lm/interop/peft.py).
+    dtype: the tensors' dtype; None: a LoRA run's merged export takes its base's original dtype
+    (`original_dtype` of train.init_from), any other export float32."""
     import jax
     import numpy as np
 
@@ -151,12 +180,16 @@ def export_run(run_dir: str, hf_dir: str, architecture: str | None = None, step:
     from lm.interop import peft
 
     run_config_ = read_config(run_dir)
+    if adapters_only and dtype not in (None, "float32"):
+        raise ValueError(f"--adapters_only writes the adapters in float32 (PEFT upcasts them); --dtype={dtype} "
+                         "applies to a merged export")
     if run_config_.get("lora") and run_config_.lora.rank:
         if adapters_only:
             model_cfg, config, adapters, _ = lora_run_params(run_dir, step)
             return peft.save_adapter(hf_dir, jax.tree.map(np.asarray, adapters), model_cfg, config.lora,
                                      base_model=config.train.init_from)
         model_cfg, _, params, config = lora_merged(run_dir, step)
+        dtype = dtype or original_dtype(config.train.init_from)
     elif adapters_only:
         raise ValueError(f"{run_dir} is not a LoRA run (config.lora.rank is 0): it has no adapters to export")
     else:
@@ -166,7 +199,7 @@ def export_run(run_dir: str, hf_dir: str, architecture: str | None = None, step:
         source = os.path.join(config.train.init_from, HF_SUBDIR)  # a LoRA run: its imported base's
     if architecture is None and os.path.exists(os.path.join(source, "config.json")):
         architecture = hf.read_hf_config(source)["architectures"][0]
-    hf.save(model_cfg, hf_dir, architecture, params=jax.tree.map(np.asarray, params))
+    hf.save(model_cfg, hf_dir, architecture, params=jax.tree.map(np.asarray, params), dtype=dtype or "float32")
     spec = config.data.get("tokenizer", "byte")
     tokenizer_dir = spec[3:] if spec.startswith("hf:") else None
     for name in TOKENIZER_FILES if tokenizer_dir else ():
@@ -231,6 +264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     exp.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
     exp.add_argument("--adapters_only", action="store_true",
                      help="a LoRA run: write its adapters as a PEFT adapter directory instead of the merged model")
+    exp.add_argument("--dtype", default=None, choices=hf.FLOAT_DTYPES,
+                     help="the tensors' dtype (default: a LoRA run's merged export its imported base's, else float32)")
     ada = sub.add_parser("import_adapter", help="PEFT LoRA adapter directory over an imported base -> lm LoRA run")
     ada.add_argument("--adapter_dir", required=True)
     ada.add_argument("--base_run", required=True, help="the base model's lm run directory (from `import`)")
@@ -244,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             out = import_run(args.hf_dir, args.workdir)
             print(f"imported {args.hf_dir} into the run directory {out} (step 0)")
         else:
-            out = export_run(args.run_dir, args.hf_dir, args.architecture, args.step, args.adapters_only)
+            out = export_run(args.run_dir, args.hf_dir, args.architecture, args.step, args.adapters_only, args.dtype)
             print(f"exported {args.run_dir} to {out}")
     except (hf.UnsupportedCheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"lm.interop.hf: error: {e}", file=sys.stderr)

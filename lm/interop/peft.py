@@ -88,7 +88,8 @@ def adapters_from_peft(tensors: Mapping[str, np.ndarray], model_cfg, targets: li
 def adapter_config(lora_cfg: Any, targets: list[str], base_model: str | None = None) -> dict:
     """PEFT's adapter_config.json for lm's config.lora."""
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": int(lora_cfg.rank),
-            "lora_alpha": float(lora_cfg.alpha), "use_rslora": bool(lora_cfg.rslora), "lora_dropout": 0.0,
+            "lora_alpha": float(lora_cfg.alpha), "use_rslora": bool(lora_cfg.rslora),
+            "lora_dropout": float(lora_cfg.get("dropout", 0.0)),
             "target_modules": sorted(lora.TARGETS[n][1] for n in targets), "bias": "none",
             "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
             "base_model_name_or_path": base_model, "modules_to_save": None}
@@ -105,7 +106,7 @@ def save_adapter(out_dir: str, adapters: Mapping, model_cfg, lora_cfg: Any, base
 
 
 def load_adapter(adapter_dir: str, model_cfg) -> tuple[dict, dict]:
-    """(lm adapters, the config.lora fields: rank, alpha, rslora, targets) of a PEFT adapter directory."""
+    """(lm adapters, the config.lora fields: rank, alpha, rslora, targets, dropout) of a PEFT adapter directory."""
     path = os.path.join(adapter_dir, CONFIG_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} does not exist: is {adapter_dir!r} a PEFT adapter directory?")
@@ -129,5 +130,5 @@ def load_adapter(adapter_dir: str, model_cfg) -> tuple[dict, dict]:
     tensors = safetensors_io.read_file(weights)
     adapters = adapters_from_peft(tensors, model_cfg, targets, adapter_dir)
     fields = {"rank": int(cfg["r"]), "alpha": float(cfg["lora_alpha"]), "rslora": bool(cfg.get("use_rslora", False)),
-              "targets": ",".join(targets)}
+              "targets": ",".join(targets), "dropout": float(cfg.get("lora_dropout") or 0.0)}
     return adapters, fields

@@ -15,6 +15,8 @@ the target and its index instead.
     sums.py           mean_of: the (sum, count) convention
     token_logprobs.py per-token log q(y), entropy, logsumexp from hidden states and the unembedding:
                       chunked over tokens and vocabulary, optionally sharded over a mesh
+                      (chunked_logprobs.py: the chunked core and its VJP; sharded_logprobs.py:
+                      checks, casts, padding and the shard_map over the mesh)
     cross_entropy.py  next-token cross-entropy (explicit logits, or fused: a reduction of token_logprobs)
     divergences.py    entropy, soft cross-entropy, KL, summed sequence log-probabilities
     preference.py     pairwise preference: Bradley–Terry reward-model loss, DPO and its variants,

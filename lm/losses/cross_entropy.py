@@ -26,7 +26,8 @@ import jax.numpy as jnp
 
 from lm.losses.sums import F32, mean_of
 from lm.losses.sums import prepare_mask as _prepare_mask
-from lm.losses.token_logprobs import _check_shapes, _run, check_targets
+from lm.losses.sharded_logprobs import _check_shapes, _run
+from lm.losses.token_logprobs import check_targets
 
 
 class LossOutput(NamedTuple):

@@ -66,16 +66,22 @@ class Attention(nnx.Module):
 
     def __call__(self, x, positions, q_segment_ids, q_index, kv_cache=None, kv_segment_ids=None,
                  cache_index=None):
-        """x [B, T, D] → ([B, T, D], updated (k, v) cache or None).
+        """x [B, T, D] → ([B, T, D], the T new cache slots (k, v) or None).
 
         Without a cache, queries attend to the same T tokens, by the implementation
         `cfg.attention_impl` resolves to (lm/model/attention_ops.py). With `kv_cache = (k, v)`,
         keys stored transposed as `[B, K, hd, S]` and values as `[B, K, S, hd]`
         (lm/model/cache.py), the queries attend to the cached slots before `cache_index` (masked
-        by `kv_segment_ids [B, S]`, 0 = empty) and causally to the T new keys, in one softmax;
-        the new keys/values are then written at slots `cache_index .. cache_index+T−1`. A prefill
-        into an empty cache (cache_index the int 0) with an implementation other than dense
-        attends by that implementation, as in training.
+        by `kv_segment_ids [B, S]`, 0 = empty) and causally to the T new keys, in one softmax. A
+        prefill into an empty cache (cache_index the int 0) with an implementation other than
+        dense attends by that implementation, as in training.
+
+        The cache itself is only read: what comes back are the new keys `[B, K, hd, T]` and values
+        `[B, K, T, hd]` in the cache's layout and dtype, which the caller writes at slots
+        `cache_index .. cache_index+T−1` (`write_cache`, or straight into the stacked cache of
+        every layer: lm/model/transformer.py). Returning an updated layer cache instead made the
+        TPU compiler build a whole layer-sized buffer per layer per decode step (the layer's slice
+        of the stacked cache, updated, then its new slots sliced back out).
         """
         cfg = self.cfg
         b, t, d = x.shape
@@ -91,25 +97,25 @@ class Attention(nnx.Module):
         q = q * jnp.asarray(1 / math.sqrt(hd), q.dtype)  # scale the [T, hd] side, not [T, S]
         impl = resolve_attention_impl(cfg, seq_len=t)
         prefill = isinstance(cache_index, int) and cache_index == 0
-        new_cache = None
+        new_slots = None
         if kv_cache is None or (prefill and impl != "dense"):
             out = causal_attention(q, k, v, q_segment_ids, impl, block=cfg.attention_block)
-            if kv_cache is not None:
-                new_cache = _write_cache(kv_cache, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), 0)
         else:
             # [B, K, T, hd] keys and values: the layout the score and value products read (and
             # the cache keeps) without a copy; q as [B, K, T, G, hd] (attention_ops.group_heads)
-            out, new_cache = self._attend_cached(group_heads(q, kv), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
-                                                 q_segment_ids, q_index, kv_cache, kv_segment_ids, cache_index)
+            out = self._attend_cached(group_heads(q, kv), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
+                                      q_segment_ids, q_index, kv_cache, kv_segment_ids, cache_index)
             out = ungroup_heads(out)
-        return checkpoint_name(self.project_out(out.reshape(b * t, h * hd)), "out_proj").reshape(b, t, d), new_cache
+        if kv_cache is not None:
+            new_slots = cache_slots(kv_cache, k, v)
+        return checkpoint_name(self.project_out(out.reshape(b * t, h * hd)), "out_proj").reshape(b, t, d), new_slots
 
     def _attend_cached(self, q, k, v, q_segment_ids, q_index, kv_cache, kv_segment_ids, cache_index):
         """The queries attend to the cache as it was (slots before cache_index) and to the T new
-        keys, in one softmax; the cache is then updated. Reading the old cache rather than the
-        updated one leaves the update as the cache's only consumer, so XLA writes it in place
-        instead of copying every layer's cache at every decode step (on a CPU, attending over the
-        updated cache made XLA copy each cache buffer twice per step)."""
+        keys, in one softmax → [B, K, T, G, hd]. Reading the old cache rather than an updated one
+        leaves the caller's write of the new slots as the cache's only update, so XLA writes it
+        in place instead of copying every layer's cache at every decode step (on a CPU, attending
+        over the updated cache made XLA copy each cache buffer twice per step)."""
         dt = self.cfg.compute_dtype
         ck, cv = kv_cache
         new = masking.attention_mask(q_segment_ids, q_segment_ids, q_index, q_index)  # [B, T, T]
@@ -131,12 +137,20 @@ class Attention(nnx.Module):
             which = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), cache_index)
             out = jax.lax.switch(jnp.minimum(which, len(sizes) - 1),
                                  [functools.partial(attend_first, n) for n in sizes])
-        return out, _write_cache(kv_cache, k, v, cache_index)
+        return out
 
 
-def _write_cache(kv_cache, k, v, cache_index):
-    """The cache (keys `[B, K, hd, S]`, values `[B, K, S, hd]`) with `k, v [B, K, T, hd]` written
-    at slots cache_index .. cache_index+T−1."""
+def cache_slots(kv_cache, k, v):
+    """New keys and values `[B, T, K, hd]` → (`[B, K, hd, T]`, `[B, K, T, hd]`): the cache's
+    layouts (keys transposed, lm/model/cache.py) and dtype, ready to be written at slots
+    cache_index .. cache_index+T−1 (`write_cache`)."""
     ck, cv = kv_cache
-    return (jax.lax.dynamic_update_slice(ck, k.swapaxes(2, 3).astype(ck.dtype), (0, 0, 0, cache_index)),
-            jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, cache_index, 0)))
+    return k.transpose(0, 2, 3, 1).astype(ck.dtype), v.transpose(0, 2, 1, 3).astype(cv.dtype)
+
+
+def write_cache(kv_cache, slots, cache_index):
+    """One layer's cache (keys `[B, K, hd, S]`, values `[B, K, S, hd]`) with its new slots
+    (`cache_slots`) written at cache_index .. cache_index+T−1."""
+    (ck, cv), (k, v) = kv_cache, slots
+    return (jax.lax.dynamic_update_slice(ck, k, (0, 0, 0, cache_index)),
+            jax.lax.dynamic_update_slice(cv, v, (0, 0, cache_index, 0)))

@@ -63,6 +63,15 @@ def matmul_blocks(x: Array, w: Array) -> Array:
     return jnp.einsum("kmr,krn->kmn", x.reshape(1, k, r).swapaxes(0, 1), w).sum(axis=0)
 
 
+def blocked(w: Array, row_blocks: int, rows: str | None, cols: str | None) -> nnx.Variable:
+    """`split_rows(w, row_blocks)` as a Variable with logical axes for the mesh rules: a leading
+    `layers` axis where stacked, the block axis unsharded, then `rows` and `cols` (None for a
+    fused axis: q, k and v side by side, or gate and up, which tensor parallelism would split
+    unevenly; those are replicated over `tensor`, split over `fsdp` along `embed`)."""
+    value = split_rows(w, row_blocks)
+    return nnx.Variable(value, logical_axes=("layers",) * (value.ndim - 3) + (None, rows, cols))
+
+
 class FusedAttention(Attention):
     """Attention whose q/k/v product is one fused, row-blocked matrix (and wo row-blocked)."""
 
@@ -70,10 +79,11 @@ class FusedAttention(Attention):
         flat = lambda w: w[...].reshape(*w.shape[:-2], -1)  # noqa: E731  [..., D, heads, hd] → [..., D, heads·hd]
         wqkv = jnp.concatenate([flat(attn.wq), flat(attn.wk), flat(attn.wv)], axis=-1)
         wo = attn.wo[...].reshape(*attn.wo.shape[:-3], -1, attn.wo.shape[-1])  # [..., H·hd, D]
-        self.wqkv = nnx.Variable(split_rows(wqkv, row_blocks))
-        self.wo_blocks = nnx.Variable(split_rows(wo, row_blocks))
+        self.wqkv = blocked(wqkv, row_blocks, "embed", None)
+        self.wo_blocks = blocked(wo, row_blocks, None, "embed")
         if attn.cfg.qkv_bias:  # [..., H, hd], [..., K, hd] → [..., (H + 2K)·hd], in q, k, v order like wqkv
-            self.bqkv = nnx.Variable(jnp.concatenate([flat(attn.bq), flat(attn.bk), flat(attn.bv)], axis=-1))
+            bqkv = jnp.concatenate([flat(attn.bq), flat(attn.bk), flat(attn.bv)], axis=-1)
+            self.bqkv = nnx.Variable(bqkv, logical_axes=("layers",) * (bqkv.ndim - 1) + (None,))
         self.cfg = attn.cfg
 
     def project_qkv(self, x2):
@@ -92,9 +102,8 @@ class FusedMLP(MLP):
     """The SwiGLU MLP with gate and up as one fused, row-blocked matrix (and w_down row-blocked)."""
 
     def __init__(self, mlp: MLP, row_blocks: int):
-        self.w_gate_up = nnx.Variable(split_rows(jnp.concatenate([mlp.w_gate[...], mlp.w_up[...]], axis=-1),
-                                                 row_blocks))
-        self.w_down_blocks = nnx.Variable(split_rows(mlp.w_down[...], row_blocks))
+        self.w_gate_up = blocked(jnp.concatenate([mlp.w_gate[...], mlp.w_up[...]], axis=-1), row_blocks, "embed", None)
+        self.w_down_blocks = blocked(mlp.w_down[...], row_blocks, None, "embed")
         self.dtype = mlp.dtype
 
     def gate_up(self, x2):
@@ -123,8 +132,13 @@ def for_decoding(model, *, per_layer: bool | None = None, row_blocks: int | None
     if per_layer:
         block_graphdef, stacked = nnx.split(out.blocks)
         n = out.cfg.num_layers
-        out.blocks = nnx.List([fuse_block(nnx.merge(block_graphdef, jax.tree.map(lambda x: x[i], stacked)), row_blocks)
-                               for i in range(n)])
+        layers = [nnx.merge(block_graphdef, jax.tree.map(lambda x: x[i], stacked)) for i in range(n)]
+        for layer in layers:  # one layer's weights: their logical axes without the leading `layers`
+            for _, var in nnx.iter_graph(layer):
+                axes = var.get_metadata().get("logical_axes") if isinstance(var, nnx.Variable) else None
+                if axes and len(axes) == var.ndim + 1 and axes[0] == "layers":
+                    var.set_metadata(logical_axes=axes[1:])
+        out.blocks = nnx.List([fuse_block(layer, row_blocks) for layer in layers])
     else:
         fuse_block(out.blocks, row_blocks)
     return out

@@ -17,6 +17,16 @@ on their `in` and `out` sides (so they shard like it) and none on the rank. A fr
 may be a `lm.model.quant.QuantizedWeight` (int8 / NF4), dequantized here per use: under the layer
 scan, one layer's weight at a time.
 
+Adapter dropout (PEFT's lora_dropout): in training, the adapter path reads a dropped-out input,
+
+    y = x·W + s·(dropout_p(x)·A)·B,     dropout_p(x) = x·m/(1−p),  m ~ Bernoulli(1−p) per element,
+
+one mask per adapted weight (as PEFT has a Dropout per adapted Linear). The keys are a
+`DropoutKey` variable beside the adapters (one per layer under the stacked blocks), which exists
+only in the graph of the training forward (`add_dropout_keys`, filled from the step's rng by
+`dropout_keys`); without it (evaluation, sampling, export) the forward is deterministic and equals
+the no-dropout one.
+
 `TARGETS`: config name → (weight attribute, Hugging Face / PEFT module name, input axes).
 """
 
@@ -39,6 +49,12 @@ TARGETS = {  # name: (attribute on Attention / MLP, PEFT target module, number o
     "down": ("w_down", "down_proj", 1, 2)}
 ATTRS = {attr: name for name, (attr, *_) in TARGETS.items()}
 SUFFIX_A, SUFFIX_B = "_lora_a", "_lora_b"
+DROPOUT_KEY = "lora_dropout_key"  # the module attribute holding a training forward's dropout keys
+
+
+class DropoutKey(nnx.Variable):
+    """Key data (uint32 [*layers, *key]) of the adapter dropout in one training forward: neither a
+    parameter nor frozen state (never saved), filled per step from the step's rng."""
 
 
 def target_names(spec: str) -> list[str]:
@@ -78,14 +94,53 @@ def project(module: nnx.Module, x2: Array, attrs: tuple[str, ...], dtype) -> tup
     if not any(hasattr(module, a + SUFFIX_A) for a in attrs):
         return outs
     s = jnp.asarray(module.lora_scaling, dtype)
+    keys = getattr(module, DROPOUT_KEY, None)  # present only in a training forward with lora.dropout > 0
     adapted = []
     for a, y in zip(attrs, outs):
         if hasattr(module, a + SUFFIX_A):
             lora_a = getattr(module, a + SUFFIX_A)[...].astype(dtype).reshape(d, -1)  # [in, r]
             lora_b = getattr(module, a + SUFFIX_B)[...].astype(dtype)
-            y = y + s * ((x2 @ lora_a) @ lora_b.reshape(lora_a.shape[-1], -1))  # [M, r] @ [r, out]
+            xa = x2 if keys is None else dropout(x2, jax.random.fold_in(jax.random.wrap_key_data(keys[...]),
+                                                                         list(ATTRS).index(a)), module.lora_dropout)
+            y = y + s * ((xa @ lora_a) @ lora_b.reshape(lora_a.shape[-1], -1))  # [M, r] @ [r, out]
         adapted.append(y)
     return tuple(adapted)
+
+
+def dropout(x: Array, key: Array, rate: float) -> Array:
+    """x·m/(1−rate), m ~ Bernoulli(1−rate) per element (torch.nn.Dropout in training)."""
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+
+
+def add_dropout_keys(model: nnx.Module, rate: float) -> nnx.Module:
+    """Give every adapted module of `model` (in place) a `DropoutKey` of zeros, one key per layer,
+    and its rate: the graph of the training forward (`dropout_keys` gives the values)."""
+    if not 0.0 < rate < 1.0:
+        raise ValueError(f"lora.dropout: a training forward with dropout needs 0 < rate < 1, got {rate}")
+    key_shape = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape
+    for _, module in list(nnx.iter_modules(model)):
+        if not hasattr(module, "lora_scaling"):
+            continue
+        attr = next(a for a in ATTRS if hasattr(module, a + SUFFIX_A))
+        _, _, in_axes, _ = TARGETS[ATTRS[attr]]
+        a_var = getattr(module, attr + SUFFIX_A)
+        lead = tuple(a_var.shape[:a_var.ndim - in_axes - 1])  # A is [*lead, *in, r]
+        module.lora_dropout = float(rate)
+        setattr(module, DROPOUT_KEY, DropoutKey(jnp.zeros(lead + key_shape, jnp.uint32)))
+    return model
+
+
+def dropout_keys(shapes: dict, rng: Array) -> dict:
+    """The DropoutKey part of a pure parameter dict (`shapes`: its ShapeDtypeStructs, nested as the
+    model) filled with independent keys from `rng` (a key): one per module and layer."""
+    flat, tree = jax.tree_util.tree_flatten(shapes)
+    filled = []
+    for i, sds in enumerate(flat):
+        lead = sds.shape[:-1]
+        keys = jax.random.split(jax.random.fold_in(rng, i), max(1, math.prod(lead)))
+        filled.append(jax.random.key_data(keys).reshape(sds.shape).astype(sds.dtype))
+    return jax.tree_util.tree_unflatten(tree, filled)
 
 
 def _adapter_shapes(var, per_layer_ndim: int, in_axes: int, rank: int):

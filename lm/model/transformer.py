@@ -27,7 +27,7 @@ from flax import nnx
 
 from lm.model import cache as kv_cache
 from lm.model import remat
-from lm.model.attention import Attention
+from lm.model.attention import Attention, write_cache
 from lm.model.config import ModelConfig
 from lm.model.hints import constrain
 from lm.model.layers import MLP, RMSNorm, param
@@ -46,10 +46,11 @@ class Block(nnx.Module):
 
     def __call__(self, x, positions, segment_ids, q_index, kv_cache=None, kv_segment_ids=None,
                  cache_index=None):
-        attn_out, new_cache = self.attn(self.attn_norm(x), positions, segment_ids, q_index,
+        """→ (x [B, T, D], the T new cache slots (k, v) or None: Attention.__call__)."""
+        attn_out, new_slots = self.attn(self.attn_norm(x), positions, segment_ids, q_index,
                                         kv_cache, kv_segment_ids, cache_index)
         x = constrain(x + attn_out, ("batch", "length", "embed"))
-        return constrain(x + self.mlp(self.mlp_norm(x)), ("batch", "length", "embed")), new_cache
+        return constrain(x + self.mlp(self.mlp_norm(x)), ("batch", "length", "embed")), new_slots
 
 
 class Transformer(nnx.Module):
@@ -89,8 +90,8 @@ class Transformer(nnx.Module):
             caches = [None] * n if layer_caches is None else list(zip(*layer_caches))
             outs = []
             for block, layer_cache in zip(self.blocks, caches):
-                x, out = block(x, positions, segment_ids, q_index, layer_cache, kv_segment_ids, cache_index)
-                outs.append(out)
+                x, slots = block(x, positions, segment_ids, q_index, layer_cache, kv_segment_ids, cache_index)
+                outs.append(None if layer_cache is None else write_cache(layer_cache, slots, cache_index))
             return x, None if layer_caches is None else tuple(zip(*outs))
         graphdef, stacked = nnx.split(self.blocks)
 
@@ -103,7 +104,7 @@ class Transformer(nnx.Module):
         if policy is not None:
             step = jax.checkpoint(step, policy=policy)
         if layer_caches is not None:  # cached (prefill, decoding): the stacked cache updated in place
-            return self._scan_cached(step, x, stacked, layer_caches, cache_index, x.shape[1], self.cfg.scan_layers)
+            return self._scan_cached(step, x, stacked, layer_caches, cache_index, self.cfg.scan_layers)
         if self.cfg.scan_layers:
             return jax.lax.scan(step, x, (stacked, layer_caches))
         # unrolled: one copy of the block per layer. The stacked arrays are cut with one
@@ -117,24 +118,22 @@ class Transformer(nnx.Module):
         return x, jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
     @staticmethod
-    def _scan_cached(step, x, stacked, layer_caches, cache_index, t, scan):
+    def _scan_cached(step, x, stacked, layer_caches, cache_index, scan):
         """The layer scan of a cached pass with the stacked (k, v) caches in the carry: each layer
-        reads its slice and only its T new slots are written back (dynamic_update_slice at
-        [layer, …, cache_index]), so the stacked cache is updated in place. (As scan inputs and
-        outputs, every decode step wrote a fresh copy of the whole cache.)"""
+        reads its slice, and its attention returns only its T new slots, written straight into
+        the stack (one dynamic_update_slice at [layer, …, cache_index] each for k and v), so the
+        stacked cache, donated by the decode loop, is updated in place and no layer-sized buffer
+        is built. (As scan inputs and outputs, every decode step wrote a fresh copy of the whole
+        cache; with the attention returning an updated layer cache, the TPU compiler built a
+        layer-sized copy per layer per step.)"""
         def body(carry, xs):
             h, caches = carry
             params, i = xs
             layer = tuple(jax.lax.dynamic_index_in_dim(c, i, axis=0, keepdims=False) for c in caches)
-            h, updated = step(h, (params, layer))
-            # the T new slots of each updated layer cache: k is [B, K, hd, S], v is [B, K, S, hd]
-            new_k = jax.lax.dynamic_slice_in_dim(updated[0], cache_index, t, axis=3)
-            new_v = jax.lax.dynamic_slice_in_dim(updated[1], cache_index, t, axis=2)
-            zero = jnp.zeros((), jnp.int32)
-            caches = (jax.lax.dynamic_update_slice(caches[0], new_k[None].astype(caches[0].dtype),
-                                                   (i, zero, zero, zero, jnp.asarray(cache_index, jnp.int32))),
-                      jax.lax.dynamic_update_slice(caches[1], new_v[None].astype(caches[1].dtype),
-                                                   (i, zero, zero, jnp.asarray(cache_index, jnp.int32), zero)))
+            h, (new_k, new_v) = step(h, (params, layer))  # k [B, K, hd, T], v [B, K, T, hd]
+            zero, slot = jnp.zeros((), jnp.int32), jnp.asarray(cache_index, jnp.int32)
+            caches = (jax.lax.dynamic_update_slice(caches[0], new_k[None], (i, zero, zero, zero, slot)),
+                      jax.lax.dynamic_update_slice(caches[1], new_v[None], (i, zero, zero, slot, zero)))
             return (h, caches), None
 
         n = layer_caches[0].shape[0]

@@ -42,6 +42,8 @@ from flax import nnx
 from lm.sampling.filters import (  # noqa: F401  (re-exported by lm.sampling)
     apply_temperature, behaviour_logprobs, filter_logits, min_p_filter, sample_token, top_k_filter, top_p_filter)
 from lm.model.cpu import for_decoding
+from lm.model.platform import compile_platform
+from lm.sampling.placement import Placement
 
 Array = jax.Array
 F32 = jnp.float32
@@ -126,10 +128,15 @@ def _last_logits(model, inputs, positions, segment_ids, cache, cache_index):
     return model.logits_from_hidden(hidden[:, -1]).astype(F32), cache  # only the last position is sampled
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_len", "max_new_tokens", "keep_logits", "keep_logprobs"))
-def _prefill(graphdef, params, prompt, knobs, stop_ids, key, *, max_len, max_new_tokens, keep_logits,
-             keep_logprobs=False):
-    """Run the padded prompt through an empty cache and sample token 0: returns the loop state."""
+def _prefill_fn(graphdef, params, prompt, knobs, stop_ids, key, *, max_len, max_new_tokens, keep_logits,
+                keep_logprobs=False, placement: Placement | None = None):
+    """Run the padded prompt through an empty cache and sample token 0: returns the loop state
+    (laid out by `placement`, lm/sampling/placement.py, when given; traced under its hints)."""
+    if placement is not None:
+        with placement.traced():
+            state = _prefill_fn(graphdef, params, prompt, knobs, stop_ids, key, max_len=max_len,
+                                max_new_tokens=max_new_tokens, keep_logits=keep_logits, keep_logprobs=keep_logprobs)
+        return placement.constrain(state)
     model = nnx.merge(graphdef, params)
     tokens, positions, segment_ids = prompt["tokens"], prompt["positions"], prompt["segment_ids"]
     batch, prompt_len = tokens.shape
@@ -157,6 +164,10 @@ def _prefill(graphdef, params, prompt, knobs, stop_ids, key, *, max_len, max_new
     return state
 
 
+_prefill = jax.jit(_prefill_fn, static_argnames=("graphdef", "max_len", "max_new_tokens", "keep_logits",
+                                                 "keep_logprobs", "placement"))
+
+
 # XLA:CPU's default copy insertion copies every layer's k and v cache (read, then updated in place)
 # at every decode step: 3 copies per cache buffer, ~25 MB per token at 528 slots. Its region
 # analysis proves the update safe after the reads and writes in place (no copy). The option is a
@@ -166,10 +177,17 @@ def _prefill(graphdef, params, prompt, knobs, stop_ids, key, *, max_len, max_new
 _DECODE_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("state",),
-                   compiler_options=_DECODE_COMPILER_OPTIONS)
-def _decode_chunk(graphdef, params, state, knobs, stop_ids, stop_at):
-    """Continue the loop until `step` reaches `stop_at` or every row is done; returns the state."""
+def _decode_fn(graphdef, params, state, knobs, stop_ids, stop_at, placement: Placement | None = None):
+    """Continue the loop until `step` reaches `stop_at` or every row is done; returns the state
+    (laid out by `placement` at every step, when given; traced under its hints)."""
+    if placement is not None:
+        with placement.traced():
+            return _decode_loop(graphdef, params, placement.constrain(state), knobs, stop_ids, stop_at,
+                                placement.constrain)
+    return _decode_loop(graphdef, params, state, knobs, stop_ids, stop_at, lambda s: s)
+
+
+def _decode_loop(graphdef, params, state, knobs, stop_ids, stop_at, constrain):
     max_new_tokens = state["tokens"].shape[1]
 
     def cond(s):
@@ -196,9 +214,13 @@ def _decode_chunk(graphdef, params, state, knobs, stop_ids, stop_at):
         if "sample_logprobs" in s:
             for k in _KEPT:
                 s[k] = jax.lax.dynamic_update_index_in_dim(s[k], jnp.where(was_done, 0.0, kept[k]), i, axis=1)
-        return s
+        return constrain(s)
 
     return jax.lax.while_loop(cond, body, state)
+
+
+_decode_chunk = jax.jit(_decode_fn, static_argnames=("graphdef", "placement"), donate_argnames=("state",),
+                        compiler_options=_DECODE_COMPILER_OPTIONS)
 
 
 class Generation(NamedTuple):
@@ -263,24 +285,28 @@ def prepare_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, max_new_t
     return out, max_len
 
 
-def generate_batch(graphdef_or_model, params, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *,
-                   seed: int, max_len: int | None = None, chunk_size: int | None = None,
-                   on_chunk: Callable[[list[list[int]]], None] | None = None,
-                   keep_logits: bool = False, unroll_layers: bool | None = None) -> Generation:
-    """Sample continuations of `prompts` (lists of token ids); see the module docstring.
+class DecodingInputs(NamedTuple):
+    """The arguments of the prefill and decode jits, placed on the mesh (`decoding_inputs`)."""
 
-    max_len: cache slots (≥ longest prompt + max_new_tokens; None: just enough). chunk_size:
-    tokens per jitted call (None: all in one); after each call `on_chunk(new)` gets, per row, the
-    tokens produced by it (stopped rows: []). keep_logits: also return every step's logits [B, N, V].
-    unroll_layers: decode with per-layer copies of the blocks (lm/model/cpu.py) instead of the
-    stacked ones; None: per-layer on CPU, where it is faster.
-    """
+    graphdef: object  # of the model laid out for decoding (lm/model/cpu.py)
+    params: dict  # its parameters (pure dict), sharded by their logical axes
+    prompt: dict  # prepare_prompts' arrays, rows over the batch axes
+    knobs: dict  # temperature, top_k, top_p, min_p: replicated scalars
+    stop_ids: jax.Array  # [S] int32, padded with −1, replicated
+    key: jax.Array  # the sampling key, replicated
+    placement: Placement  # the mesh, its rules: the loop state's layout (lm/sampling/placement.py)
+    max_len: int  # cache slots
+
+
+def decoding_inputs(graphdef_or_model, params, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *,
+                    seed: int, max_len: int | None = None, unroll_layers: bool | None = None, mesh=None,
+                    rules=None) -> DecodingInputs:
+    """Check everything (before compiling anything), lay the model out for decoding and place
+    the arguments of the jits on the mesh; see `generate_batch` for the arguments."""
     if not isinstance(sampling, SamplingConfig):
         raise TypeError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
     if not _is_int(seed):
         raise ValueError(f"seed must be an integer, got {seed!r}")
-    if chunk_size is not None and (not _is_int(chunk_size) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
     graphdef, params = _split(graphdef_or_model, params)
     model = nnx.merge(graphdef, params)  # on the host: only to read the config
     if not all(hasattr(model, name) for name in ("cfg", "init_cache", "forward", "blocks")):
@@ -288,24 +314,55 @@ def generate_batch(graphdef_or_model, params, prompts: Sequence[Sequence[int]], 
     vocab_size = model.cfg.vocab_size
     if any(not 0 <= i < vocab_size for i in sampling.stop_ids):
         raise ValueError(f"stop_ids {sampling.stop_ids} must lie in [0, {vocab_size})")
-    new_tokens = sampling.max_new_tokens
-    prompt, max_len = prepare_prompts(prompts, vocab_size, new_tokens, max_len)
+    prompt, max_len = prepare_prompts(prompts, vocab_size, sampling.max_new_tokens, max_len)
     knobs = {"temperature": np.float32(sampling.temperature), "top_k": np.int32(sampling.top_k),
              "top_p": np.float32(sampling.top_p), "min_p": np.float32(sampling.min_p)}
     slots = -(-len(sampling.stop_ids) // 4) * 4  # padded with −1 (never sampled): fewer recompiles
     stop_ids = np.full((max(slots, 4),), -1, np.int32)
     stop_ids[:len(sampling.stop_ids)] = sampling.stop_ids
     key = jax.random.key(np.uint32(seed % 2**32))
+    placement = Placement.of(mesh, rules)
     # the model laid out for decoding (fused, row-blocked weights; per-layer on CPU): lm/model/cpu.py
-    graphdef, params = nnx.split(for_decoding(nnx.merge(graphdef, params), per_layer=unroll_layers))
-    state = _prefill(graphdef, params, prompt, knobs, stop_ids, key, max_len=max_len,
-                     max_new_tokens=new_tokens, keep_logits=keep_logits)
+    per_layer = compile_platform(placement.mesh) == "cpu" if unroll_layers is None else unroll_layers
+    graphdef, state = nnx.split(for_decoding(model, per_layer=per_layer))
+    params, param_shardings = placement.params(state)
+    knobs, stop_ids, key = placement.replicate((knobs, stop_ids, key))
+    return DecodingInputs(graphdef, jax.device_put(params, param_shardings), placement.put(prompt), knobs, stop_ids,
+                          key, placement, max_len)
+
+
+def generate_batch(graphdef_or_model, params, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *,
+                   seed: int, max_len: int | None = None, chunk_size: int | None = None,
+                   on_chunk: Callable[[list[list[int]]], None] | None = None,
+                   keep_logits: bool = False, unroll_layers: bool | None = None, mesh=None,
+                   rules=None) -> Generation:
+    """Sample continuations of `prompts` (lists of token ids); see the module docstring.
+
+    max_len: cache slots (≥ longest prompt + max_new_tokens; None: just enough). chunk_size:
+    tokens per jitted call (None: all in one); after each call `on_chunk(new)` gets, per row, the
+    tokens produced by it (stopped rows: []). keep_logits: also return every step's logits [B, N, V].
+    unroll_layers: decode with per-layer copies of the blocks (lm/model/cpu.py) instead of the
+    stacked ones; None: per-layer when compiling for a CPU, where it is faster.
+    mesh, rules: the run's mesh and its logical-axis rules (config.mesh.rules): the prefill and
+    decode jits take their in/out shardings from them (lm/sampling/placement.py: rows over the
+    batch axes, the KV cache by rows and kv heads, parameters by their logical axes). None: one
+    device.
+    """
+    if chunk_size is not None and (not _is_int(chunk_size) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+    run = decoding_inputs(graphdef_or_model, params, prompts, sampling, seed=seed, max_len=max_len,
+                          unroll_layers=unroll_layers, mesh=mesh, rules=rules)
+    graphdef, params, knobs, stop_ids, placement = run.graphdef, run.params, run.knobs, run.stop_ids, run.placement
+    new_tokens = sampling.max_new_tokens
+    state = _prefill(graphdef, params, run.prompt, knobs, stop_ids, run.key, max_len=run.max_len,
+                     max_new_tokens=new_tokens, keep_logits=keep_logits, placement=placement)
     chunk = new_tokens if chunk_size is None else chunk_size
     stop_at, emitted, step = 0, 0, 1  # the prefill produced token 0
     while True:
         stop_at = min(stop_at + chunk, new_tokens)
         if stop_at > step:
-            state = _decode_chunk(graphdef, params, state, knobs, stop_ids, np.int32(stop_at))
+            state = _decode_chunk(graphdef, params, state, knobs, stop_ids, placement.replicate(np.int32(stop_at)),
+                                  placement=placement)
         step, all_done = int(state["step"]), bool(jnp.all(state["done"]))
         if on_chunk is not None:
             block = np.asarray(state["tokens"][:, emitted:step])
@@ -320,10 +377,12 @@ def generate_batch(graphdef_or_model, params, prompts: Sequence[Sequence[int]], 
 
 
 def generate(graphdef_or_model, params, prompts: list[list[int]], sampling: SamplingConfig, *, seed: int,
-             max_len: int | None = None) -> list[list[int]]:
+             max_len: int | None = None, mesh=None, rules=None) -> list[list[int]]:
     """The generated continuation (without the prompt) of each prompt, its stop token included if hit.
 
     `graphdef_or_model, params`: `nnx.split(model)`, or `(model, None)`. Same seed → same output.
+    mesh, rules: as for `generate_batch`.
     """
-    out = generate_batch(graphdef_or_model, params, prompts, sampling, seed=seed, max_len=max_len)
+    out = generate_batch(graphdef_or_model, params, prompts, sampling, seed=seed, max_len=max_len, mesh=mesh,
+                         rules=rules)
     return [row[:n].tolist() for row, n in zip(out.tokens, out.lengths)]

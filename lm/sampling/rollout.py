@@ -3,7 +3,7 @@
 `rollout` is a traceable function (no host round trip, no Python checks on values): the
 caller (lm/objectives/_rl.py) jits it (with `compiler_options=COMPILER_OPTIONS`) together with what follows, with the parameters as an
 argument, so a new policy every step reuses one compiled program. It runs decode.py's own
-pieces: `_prefill` over the LEFT-padded prompts, then `_decode_chunk`'s `lax.while_loop` over
+pieces: `_prefill_fn` over the LEFT-padded prompts, then `_decode_fn`'s `lax.while_loop` over
 the KV cache until every row has produced a stop token or `max_new_tokens` tokens (those jitted
 functions' bodies are traced into the caller's jit). Rows, cache slots and positions follow decode.py's
 module docstring: token i of a row sits at cache slot P+i, position len(prompt)+i.
@@ -28,14 +28,15 @@ import numpy as np
 from flax import nnx
 
 from lm.model.cpu import for_decoding
-from lm.sampling.decode import _DECODE_COMPILER_OPTIONS, _decode_chunk, _prefill
+from lm.sampling.decode import _DECODE_COMPILER_OPTIONS, _decode_fn, _prefill_fn
+from lm.sampling.placement import Placement
 
 Array = jax.Array
 COMPILER_OPTIONS = _DECODE_COMPILER_OPTIONS  # pass to the jax.jit around `rollout` (decode.py: in-place cache updates)
 
 
 def rollout(graphdef, params, prompt: dict, key: Array, knobs: dict, stop_ids: Array, *, max_new_tokens: int,
-            decode_layout: bool = True, per_layer: bool | None = None) -> dict:
+            decode_layout: bool = True, per_layer: bool | None = None, placement: Placement | None = None) -> dict:
     """Sample `max_new_tokens` tokens after each prompt (traceable; call it inside jax.jit).
 
     prompt: {tokens, positions, segment_ids: [B, P] int32 LEFT-padded (decode.prepare_prompts'
@@ -45,6 +46,8 @@ def rollout(graphdef, params, prompt: dict, key: Array, knobs: dict, stop_ids: A
     stop_ids: [S] int32 stop tokens (pad with −1).
     decode_layout: run the loop on `lm.model.cpu.for_decoding`'s fused copy of the model, built
       inside the trace from `params` (concatenations, once per call); False: the model as it is.
+    placement: the mesh and rules the loop state (rows, KV cache) is laid out by at every step
+      (lm/sampling/placement.py); None: left to the caller's jit and its activation hints.
 
     Returns {tokens [B, N] int32 (−1 after a row's stop token), lengths [B] int32 (tokens
     generated, stop token included), sample_logprobs, policy_logprobs, entropy: [B, N] float32
@@ -53,11 +56,11 @@ def rollout(graphdef, params, prompt: dict, key: Array, knobs: dict, stop_ids: A
     batch, prompt_len = prompt["tokens"].shape
     if decode_layout:
         graphdef, params = nnx.split(for_decoding(nnx.merge(graphdef, params), per_layer=per_layer))
-    # the jitted functions' bodies (a nested jit may not carry compiler options: the caller's jit
-    # takes COMPILER_OPTIONS instead)
-    state = _prefill.__wrapped__(graphdef, params, prompt, knobs, stop_ids, key, max_len=prompt_len + max_new_tokens,
-                                 max_new_tokens=max_new_tokens, keep_logits=False, keep_logprobs=True)
-    state = _decode_chunk.__wrapped__(graphdef, params, state, knobs, stop_ids, jnp.int32(max_new_tokens))
+    # decode.py's jitted functions' bodies (a nested jit may not carry compiler options: the
+    # caller's jit takes COMPILER_OPTIONS instead)
+    state = _prefill_fn(graphdef, params, prompt, knobs, stop_ids, key, max_len=prompt_len + max_new_tokens,
+                        max_new_tokens=max_new_tokens, keep_logits=False, keep_logprobs=True, placement=placement)
+    state = _decode_fn(graphdef, params, state, knobs, stop_ids, jnp.int32(max_new_tokens), placement)
     tokens = state["tokens"]  # [B, N]; the step's [B, V] logits are reduced to [B] values as it runs
     produced = tokens >= 0
     return {"tokens": tokens, "lengths": jnp.sum(produced, axis=1).astype(jnp.int32),

@@ -16,7 +16,12 @@ With lora.rank > 0, `adapt` turns a run's pieces into
     stop_gradient), and the optimizer holds moments for them alone;
   - the reference ('reference', DPO and RL): not a second copy of the weights but the same base
     with adapters off (every B zero), built inside the step: its log-probabilities are exactly
-    the base model's.
+    the base model's;
+  - adapter dropout (lora.dropout > 0, PEFT's lora_dropout): the loss of a training step runs the
+    model's graph with dropout keys (lm/model/lora.py: DropoutKey), drawn from the step's rng; a
+    loss called with rng None (the eval step) and every other use (sampling, rollouts, export)
+    runs the deterministic graph. With B zero the dropped-out path adds exactly 0, so the
+    reference stays the base.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ class AdaptedFactory:
     lc: Any  # config.lora
     params_filter: Any = trainable
     quantized: bool = True  # False: the base still in float32 (the form a checkpoint holds)
+    dropout_keys: bool = False  # True: the training forward's graph (lm/model/lora.py: add_dropout_keys)
 
     def __call__(self, rngs: nnx.Rngs) -> nnx.Module:
         model = self.make_model(rngs)
@@ -60,6 +66,8 @@ class AdaptedFactory:
         lora.add_adapters(model, lora.target_names(self.lc.targets), self.lc.rank, scale, rngs)
         if self.quantized:
             lora.quantize_base(model, self.lc.base_dtype, self.lc.block_size, keep=trainable)
+        if self.dropout_keys:
+            lora.add_dropout_keys(model, self.lc.dropout)
         return model
 
 
@@ -68,16 +76,18 @@ def check(lc: Any) -> None:
         raise ValueError(f"lora.rank must be >= 0 (0: off), got {lc.rank}")
     if lc.alpha <= 0:
         raise ValueError(f"lora.alpha must be > 0, got {lc.alpha}")
-    if lc.dropout:
-        raise ValueError(f"lora.dropout={lc.dropout}: adapter dropout is not implemented (the model's forward "
-                         "pass takes no rng); set it to 0")
+    if not 0.0 <= lc.dropout < 1.0:
+        raise ValueError(f"lora.dropout must be in [0, 1) (the probability of zeroing an adapter input), "
+                         f"got {lc.dropout}")
     lora.target_names(lc.targets)
 
 
-def combine(params: dict, frozen: dict, reference: bool) -> tuple[dict, dict]:
-    """(the adapted model's whole parameter dict: base ∪ trained, the other frozen models, with
-    'reference' = the same parameters with adapters off when `reference`)."""
+def combine(params: dict, frozen: dict, reference: bool, keys: dict | None = None) -> tuple[dict, dict]:
+    """(the adapted model's whole parameter dict: base ∪ trained (∪ dropout `keys`), the other
+    frozen models, with 'reference' = the same parameters with adapters off when `reference`)."""
     full = _merge(frozen[BASE], params)
+    if keys is not None:
+        full = _merge(full, keys)
     rest = {k: v for k, v in frozen.items() if k != BASE}
     if reference:
         rest[REFERENCE] = lora.adapters_off(full)
@@ -139,16 +149,23 @@ def adapt(config: Any, model: Any, frozen: dict[str, FrozenModel], make_loss_fn:
 
     def wrap_loss(graphdef):
         inner = make_loss_fn(graphdef)
+        if lc.dropout:  # the training forward's graph, with dropout keys beside the adapters
+            dropping = dataclasses.replace(trained, dropout_keys=True)
+            model = nnx.eval_shape(lambda: dropping(nnx.Rngs(config.seed)))
+            inner_train = make_loss_fn(nnx.graphdef(model))
+            key_shapes = nnx.to_pure_dict(nnx.state(model, lora.DropoutKey))
 
         def loss_fn(params, batch, rng, frozen=None):
-            full, rest = combine(params, frozen, reference)
-            return inner(full, batch, rng, rest)
+            if not lc.dropout or rng is None:  # rng None: evaluation, deterministic
+                full, rest = combine(params, frozen, reference)
+                return inner(full, batch, rng, rest)
+            full, rest = combine(params, frozen, reference, keys=lora.dropout_keys(key_shapes, rng))
+            return inner_train(full, batch, rng, rest)
 
         return loss_fn
 
     def wrap_prepare(setup: Setup):
-        view = dataclasses.replace(setup, frozen_graphdefs={**setup.frozen_graphdefs, REFERENCE: setup.graphdef})
-        inner = make_prepare_batch(view)
+        inner = make_prepare_batch(prepare_view(setup, reference))
 
         def prepare(params, batch, rng, frozen):
             full, rest = combine(params, frozen, reference)
@@ -158,6 +175,19 @@ def adapt(config: Any, model: Any, frozen: dict[str, FrozenModel], make_loss_fn:
         return prepare
 
     return trained, sources, wrap_loss, (wrap_prepare if make_prepare_batch is not None else None)
+
+
+def prepare_view(setup: Setup, reference: bool) -> Setup:
+    """The setup as the objective's prepare_batch (RL rollouts and scoring) sees it: its params are the
+    whole adapted model's (base ∪ adapters, sharded as each part is), its frozen models the others
+    plus, when `reference`, 'reference' (the same graph and shardings: adapters off), never the base."""
+    full = _merge(setup.frozen_shardings[BASE], setup.state_shardings.params)
+    graphdefs = {k: v for k, v in setup.frozen_graphdefs.items() if k != BASE}
+    shardings = {k: v for k, v in setup.frozen_shardings.items() if k != BASE}
+    if reference:
+        graphdefs[REFERENCE], shardings[REFERENCE] = setup.graphdef, full
+    return dataclasses.replace(setup, state_shardings=setup.state_shardings._replace(params=full),
+                               frozen_graphdefs=graphdefs, frozen_shardings=shardings)
 
 
 def full_params(params: dict, frozen: dict) -> tuple[dict, dict]:

@@ -5,7 +5,8 @@ The trainer knows no objective by name. An objective is a function
     loss_fn(params, batch, rng, frozen) -> (objective_sum, sums)
 
 (`frozen`: the frozen models' parameters by name, lm/train/state.py; `batch`: any pytree of
-[B, ...] arrays, lm/data/batch.py) where `objective_sum` is the differentiated scalar, a *sum* over the batch's scored
+[B, ...] arrays, lm/data/batch.py; `rng`: a key in a train step, None in an eval step, where
+nothing may be random: LoRA's adapter dropout is on only with a key) where `objective_sum` is the differentiated scalar, a *sum* over the batch's scored
 tokens, and `sums` is a dict of scalar sums that must include `count` (the weight
 total) and may include `nll_sum`, `correct_sum`, `z_loss_sum`. The step adds
 (sum, count) over micro-batches and divides once, so k micro-batches give exactly
@@ -144,7 +145,7 @@ def make_eval_step(loss_fn: LossFn, setup: Setup):
     """eval_step(params, batch, *frozen_args) -> sums (jitted); add the sums over batches, then divide
     once (`summary_metrics`, `evaluate`)."""
     def eval_step(params, batch, frozen=None):
-        obj, sums = loss_fn(params, batch, jax.random.key(0), {} if frozen is None else frozen)
+        obj, sums = loss_fn(params, batch, None, {} if frozen is None else frozen)  # no key: deterministic
         return dict(sums, objective_sum=obj)
 
     in_sh = ((setup.state_shardings.params, shd.batch_sharding(setup.mesh))
