@@ -2,8 +2,9 @@
 log-probabilities (lm/losses/token_logprobs.py) change. Run it on two checkouts (before / after)
 and compare; nothing is executed, so it needs no accelerator.
 
-    # the TPU compiler (libtpu, deviceless): llama_1b on v5p-32 (16 chips, FSDP 16), pretrain and DPO
-    python benchmarks/bench_sharded_loss.py --tpu [--layers 16]
+    # the TPU compiler (libtpu, deviceless): llama_1b on v5p-32 (16 chips, FSDP 16), full depth (its
+    # layers under lax.scan), 512 rows × 2048: one pretrain, one DPO (256 pairs) and one GRPO step
+    python benchmarks/bench_sharded_loss.py --tpu [--objectives pretrain,dpo,grpo] [--attention dense]
     # XLA:CPU, one device: a DPO step of the default model with a 32k vocabulary
     python benchmarks/bench_sharded_loss.py --cpu
     # speed, paired A/B in one process (checkout A = the baseline, B = this one): the bench model's
@@ -11,11 +12,18 @@ and compare; nothing is executed, so it needs no accelerator.
     python benchmarks/bench_sharded_loss.py --ab /tmp/before --pairs 8
 
     git worktree add /tmp/before <old commit>
-    PYTHONPATH=/tmp/before python benchmarks/bench_sharded_loss.py --tpu   # the same on the old code
+    cd /tmp/before && PYTHONPATH=/tmp/before python <this checkout>/benchmarks/bench_sharded_loss.py --tpu
 
-Printed (Markdown): per chip, the compiled step's arguments, temporaries (XLA's
-memory_analysis), their sum, FLOPs (cost_analysis) and the largest all-gather (elements) in the
-partitioned HLO.
+(run the old checkout from its own directory: its lm.cli.train reads configs/default.py at import.)
+`--attention dense` gives today's code the causal-block dense attention the old code had (the
+config's 'auto' picks the splash kernel on TPU, a custom call whose FLOPs no count sees).
+
+Printed (Markdown), per chip: the compiled step's arguments, outputs − donated, temporaries and
+total (XLA's memory_analysis, as lm.train.memory adds them); matmul FLOPs from the compiled HLO
+with every loop body times its trip count (benchmarks/hlo_flops.py); XLA's cost_analysis FLOPs,
+which count a loop body once (the layer scan, the loss's chunks); the model FLOPs of the step
+from the formula of lm/model/counting.py; the largest all-gather (elements) in the partitioned
+HLO; the compile time.
 """
 
 from __future__ import annotations
@@ -50,6 +58,18 @@ def dpo_fields(config):
     return config
 
 
+def grpo_fields(config):
+    """Add GRPO's config section (configs/grpo.py's rl block) to any config: the reference = the
+    frozen start, rewards in the batch (the train step's batch: rollouts already scored)."""
+    from configs import grpo
+
+    with config.unlocked():
+        config.objective = "grpo"
+        config.rl = grpo.get_config().rl
+        config.train.init_from = None
+    return config
+
+
 def compile_step(config, model_cfg, mesh):
     from lm import objectives, train
     from lm.data import batch as contract
@@ -64,7 +84,7 @@ def compile_step(config, model_cfg, mesh):
     step = train.jit_train_step(train.make_train_step(objective.make_loss_fn(config, setup.graphdef), opt, sched,
                                                       config.train.micro_batches), setup)
     kind = objectives.batch_kind(objective, config)
-    rows = config.train.batch_size // (2 if kind.startswith("preference") else 1)
+    rows = config.train.batch_size // (2 if isinstance(kind, str) and kind.startswith("preference") else 1)
     sharding = shd.batch_sharding(mesh)
     batch = contract.spec(kind, rows, config.train.seq_len,
                           make=lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding))
@@ -73,7 +93,14 @@ def compile_step(config, model_cfg, mesh):
     if frozen:
         args += (sds(setup.abstract_frozen, setup.frozen_shardings),)
     started = time.perf_counter()
-    compiled = step.lower(*args).compile()
+    try:  # the target platform in context (kernels, attention_impl='auto'); older checkouts have no such context
+        from lm.model import platform
+        context = platform.compiling_for(platform.mesh_platform(mesh))
+    except (ImportError, AttributeError):
+        import contextlib
+        context = contextlib.nullcontext()
+    with context:
+        compiled = step.lower(*args).compile()
     return compiled, time.perf_counter() - started
 
 
@@ -95,8 +122,47 @@ def row(name, compiled, seconds):
 HEADER = ("| step | arguments GiB | temporaries GiB | sum GiB | TFLOPs per chip | largest all-gather (elements) "
           "| compile s |\n|---|---|---|---|---|---|---|")
 
+TPU_HEADER = ("| step | arguments GiB | outputs − donated GiB | temporaries GiB | total GiB | matmul TFLOPs per chip "
+              "(HLO, loops × trips) | XLA cost_analysis TFLOPs (loop bodies once) | model TFLOPs per chip (analytic) "
+              "| largest all-gather (elements) | compile s |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 
-def tpu(layers: int | None, batch_size: int | None):
+
+def model_tflops_per_chip(config, model_cfg, chips: int) -> float:
+    """Model FLOPs of one step per chip, as lm/model/counting.py counts them today (written out
+    here so that the old checkout gets the same formula): per trained token 6·N + ½·12·L·T·d_attn
+    (N: matmul parameters, the output projection once; causal attention), a frozen forward pass a
+    third of that (DPO's reference; GRPO's reference log-probs come in the batch)."""
+    d, layers = model_cfg.d_model, model_cfg.num_layers
+    hd = model_cfg.head_dim or d // model_cfg.num_heads
+    n = layers * (d * hd * (2 * model_cfg.num_heads + 2 * model_cfg.num_kv_heads) + 3 * d * model_cfg.mlp_dim)
+    n += d * model_cfg.vocab_size
+    per_token = 6.0 * n + 0.5 * 12.0 * layers * config.train.seq_len * model_cfg.num_heads * hd
+    tokens = config.train.batch_size * config.train.seq_len  # rows (DPO: 2 × pairs) × T
+    frozen_passes = 1 if config.objective == "dpo" else 0
+    return tokens * per_token * (1 + frozen_passes / 3) / chips / 1e12
+
+
+def tpu_row(name, compiled, seconds, model_tflops, hlo_path=""):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from hlo_flops import matmul_flops
+
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    args, out, alias, temp = (mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes,
+                              mem.temp_size_in_bytes)
+    hlo = compiled.as_text()
+    if hlo_path:  # the compiled module, for a closer look (gzip)
+        import gzip
+        with gzip.open(hlo_path, "wt") as f:
+            f.write(hlo)
+    return (f"| {name} | {args / GiB:.2f} | {(out - alias) / GiB:.2f} | {temp / GiB:.2f} | "
+            f"{(args + out - alias + temp) / GiB:.2f} | {matmul_flops(hlo) / 1e12:.1f} | {cost['flops'] / 1e12:.2f} | "
+            f"{model_tflops:.1f} | {largest_all_gather(hlo):,} | {seconds:.0f} |")
+
+
+def tpu(layers: int | None, batch_size: int | None, objectives=("pretrain", "dpo", "grpo"), attention: str = "",
+        hlo_dir: str = ""):
     from jax.experimental import topologies
     from jax.sharding import Mesh
 
@@ -108,19 +174,27 @@ def tpu(layers: int | None, batch_size: int | None):
     devices = np.array(topology.devices)
     mesh = Mesh(devices.reshape(1, 16, 1), shd.MESH_AXES)
     print(f"TPU compiler (libtpu, deviceless): {devices.size} × {devices.flat[0].device_kind}, mesh data=1 fsdp=16")
-    print(HEADER)
-    for objective in ("pretrain", "dpo"):
+    print(TPU_HEADER)
+    for objective in objectives:
         config = llama_1b.get_config("v5p-32")
         if layers:
             config.model.num_layers = layers
         if batch_size:
             config.train.batch_size = batch_size
+        if attention and "attention_impl" in config.model:
+            config.model.attention_impl = attention
+        config.distributed.auto = False
         if objective == "dpo":
             config = dpo_fields(config)
+        elif objective == "grpo":
+            config = grpo_fields(config)
         model_cfg = build_model_config(config, config.model.vocab_size)
         compiled, seconds = compile_step(config, model_cfg, mesh)
-        print(row(f"llama_1b {objective} (B={config.train.batch_size}, T={config.train.seq_len}, "
-                  f"{config.model.num_layers} layers)", compiled, seconds), flush=True)
+        impl = config.model.get("attention_impl", "causal-block dense")
+        print(tpu_row(f"llama_1b {objective} ({config.train.batch_size} rows × {config.train.seq_len}, "
+                      f"{config.model.num_layers} layers, attention {impl})", compiled, seconds,
+                      model_tflops_per_chip(config, model_cfg, devices.size),
+                      os.path.join(hlo_dir, f"{objective}.hlo.gz") if hlo_dir else ""), flush=True)
 
 
 def cpu():
@@ -195,6 +269,10 @@ if __name__ == "__main__":
     ap.add_argument("--cpu", action="store_true", help="a DPO step on XLA:CPU at V=32k")
     ap.add_argument("--layers", type=int, default=None, help="fewer llama_1b layers (compile time)")
     ap.add_argument("--batch_size", type=int, default=None, help="llama_1b rows per step (default 512)")
+    ap.add_argument("--objectives", default="pretrain,dpo,grpo", help="--tpu: the train steps compiled")
+    ap.add_argument("--attention", default="", help="--tpu: model.attention_impl where the checkout has it "
+                    "(dense: the causal blocks the pre-issue-27 code used; '' the config's: splash on TPU)")
+    ap.add_argument("--hlo_dir", default="", help="--tpu: write each compiled module there (<objective>.hlo.gz)")
     ap.add_argument("--ab", default=None, help="checkout A: paired speed of the fused loss, A vs this one")
     ap.add_argument("--pairs", type=int, default=8, help="alternating pairs per --ab measurement")
     args = ap.parse_args()
@@ -202,7 +280,7 @@ if __name__ == "__main__":
 
     print(f"lm from {os.path.dirname(lm.__file__)}; jax {jax.__version__}")
     if args.tpu:
-        tpu(args.layers, args.batch_size)
+        tpu(args.layers, args.batch_size, args.objectives.split(","), args.attention, args.hlo_dir)
     if args.cpu:
         cpu()
     if args.ab:
