@@ -1,14 +1,8 @@
 """The chunked, one-device core of lm.losses.token_logprobs: per-token statistics of
 ``softmax(h @ W / T)`` over token chunks and vocabulary blocks, with its own VJP.
 
-For a token with hidden state ``h`` ``[D]``, unembedding ``W`` (``[D, V]``, or a tied ``[V, D]``
-table), temperature ``T`` and target ``y``, with ``x = Wᵀh / T`` and ``q = softmax(x)``::
-
-    lse       = log Σ_v exp x_v
-    logprob   = x_y − lse                  (log q_y; NaN when y is outside [0, V))
-    entropy   = lse − Σ_v q_v x_v          (H(q) = −Σ q log q)
-    mean_x    = (1/V) Σ_v x_v              (label smoothing)
-    correct   = [argmax_v x_v = y]         (first index on ties)
+The statistics (lse, logprob, entropy, mean_x, correct) are defined in lm/losses/token_logprobs.py's
+docstring.
 
 Only ``[chunk, vocab_chunk]`` logits exist at any time, forward or backward: the statistics are
 merged across vocabulary blocks online (running max, rescaled sums), and the backward pass
